@@ -1,0 +1,155 @@
+"""``nnunet_ssl`` console script: thin wrappers over the library.
+
+    nnunet_ssl trainer-dir                       folder for nnUNet_extTrainer
+    nnunet_ssl list-trainers                     every trainer this package adds
+    nnunet_ssl preprocess-unlabeled -d ID -c CONFIG [-p PLANS] [-np N]
+    nnunet_ssl plan-and-preprocess -d ID [-c CONFIG ...] [-pl PLANNER] [-np N]
+    nnunet_ssl demo [-o FOLDER]                  synthetic end-to-end run: labeled-only vs Mean Teacher
+    nnunet_ssl convert NAME ...                  dataset conversion scripts
+    nnunet_ssl evaluate PRED REF ...             Dice / HD95 / ASD per class
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import subprocess
+import sys
+from typing import List, Optional
+
+
+def _trainer_dir(args) -> int:
+    from nnunet_ssl.nnunet_ext import TRAINER_DIR
+
+    print(TRAINER_DIR)
+    return 0
+
+
+def _list_trainers(args) -> int:
+    from nnunet_ssl.trainers import all_trainers
+
+    for name, cls in sorted(all_trainers().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        print(f"{name:48s} {doc[0] if doc else ''}")
+    return 0
+
+
+def _preprocess_unlabeled(args) -> int:
+    from nnunet_ssl.data.unlabeled import preprocess_unlabeled
+
+    for c in args.c:
+        out = preprocess_unlabeled(args.d, c, args.p, args.np)
+        print(f"Unlabeled cases for configuration {c} written to {out}")
+    return 0
+
+
+def _plan_and_preprocess(args) -> int:
+    cmd = ["nnUNetv2_plan_and_preprocess", "-d", str(args.d), "-c", *args.c, "-np",
+           *[str(args.np)] * len(args.c)]
+    if args.pl:
+        cmd += ["-pl", args.pl]
+    if args.verify_dataset_integrity:
+        cmd.append("--verify_dataset_integrity")
+    print("Running:", " ".join(cmd), flush=True)
+    rc = subprocess.call(cmd)
+    if rc != 0:
+        print(f"nnUNetv2_plan_and_preprocess failed with exit code {rc}", file=sys.stderr)
+        return rc
+    plans = args.p
+    if plans is None:
+        plans = "nnUNetResEncUNetMPlans" if args.pl == "nnUNetPlannerResEncM" else \
+            "nnUNetResEncUNetLPlans" if args.pl == "nnUNetPlannerResEncL" else \
+            "nnUNetResEncUNetXLPlans" if args.pl == "nnUNetPlannerResEncXL" else "nnUNetPlans"
+    from nnunet_ssl.data.unlabeled import preprocess_unlabeled
+
+    for c in args.c:
+        print(f"Unlabeled cases for {c}: {preprocess_unlabeled(args.d, c, plans, args.np)}")
+    return 0
+
+
+def _demo(args) -> int:
+    from nnunet_ssl.demo import run_demo
+
+    return run_demo(args.output, configuration=args.c, device=args.device, keep=args.keep)
+
+
+def _convert(args, rest: List[str]) -> int:
+    try:
+        from nnunet_ssl.dataset_conversion import CONVERTERS
+    except ImportError:
+        CONVERTERS = {}
+    if args.name not in CONVERTERS:
+        print(f"Unknown converter '{args.name}'. Available: {', '.join(sorted(CONVERTERS)) or 'none'}",
+              file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"nnunet_ssl.dataset_conversion.{CONVERTERS[args.name]}")
+    return int(module.main(rest) or 0)
+
+
+def _evaluate(rest: List[str]) -> int:
+    from nnunet_ssl.evaluation import main as evaluate_main
+
+    return int(evaluate_main(rest) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nnunet_ssl", description="Semi-supervised segmentation for nnU-Net v2.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    s = sub.add_parser("trainer-dir", help="print the folder to put in nnUNet_extTrainer")
+    s.set_defaults(func=_trainer_dir)
+    s = sub.add_parser("list-trainers", help="list the trainers this package adds")
+    s.set_defaults(func=_list_trainers)
+
+    s = sub.add_parser("preprocess-unlabeled", help="preprocess imagesUnlabeled/ with the plans' own preprocessor")
+    s.add_argument("-d", required=True, help="dataset id or name")
+    s.add_argument("-c", nargs="+", required=True, help="configuration(s), e.g. 3d_fullres")
+    s.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    s.add_argument("-np", type=int, default=4, help="worker processes (default 4)")
+    s.set_defaults(func=_preprocess_unlabeled)
+
+    s = sub.add_parser("plan-and-preprocess", help="nnUNetv2_plan_and_preprocess + preprocess-unlabeled")
+    s.add_argument("-d", required=True, help="dataset id")
+    s.add_argument("-c", nargs="+", default=["2d", "3d_fullres"], help="configurations (default 2d 3d_fullres)")
+    s.add_argument("-pl", default=None, help="experiment planner, e.g. nnUNetPlannerResEncM")
+    s.add_argument("-p", default=None, help="plans identifier (default: derived from -pl)")
+    s.add_argument("-np", type=int, default=4, help="worker processes (default 4)")
+    s.add_argument("--verify_dataset_integrity", action="store_true")
+    s.set_defaults(func=_plan_and_preprocess)
+
+    s = sub.add_parser("demo", help="synthetic end-to-end run: labeled-only nnU-Net vs Mean Teacher")
+    s.add_argument("-o", "--output", default=None, help="work folder (default: a temporary folder)")
+    s.add_argument("-c", default="2d", help="configuration (default 2d)")
+    s.add_argument("-device", "--device", default=None, help="cuda or cpu (default: cuda if available)")
+    s.add_argument("--keep", action="store_true", help="keep the temporary work folder")
+    s.set_defaults(func=_demo)
+
+    s = sub.add_parser("convert", help="dataset conversion (nnunet_ssl convert NAME -h for a converter's options)",
+                       add_help=False)
+    s.add_argument("name", help="converter name")
+    s.set_defaults(func=_convert, passthrough=True)
+
+    s = sub.add_parser("evaluate", help="Dice / HD95 / ASD per class of a prediction folder", add_help=False)
+    s.set_defaults(func=lambda a, rest: _evaluate(rest), passthrough=True)
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    from nnunet_ssl.data.unlabeled import UnlabeledDataError
+
+    try:
+        if getattr(args, "passthrough", False):
+            return args.func(args, rest)
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args.func(args)
+    except UnlabeledDataError as e:
+        print(f"nnunet_ssl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

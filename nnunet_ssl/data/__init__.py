@@ -1,0 +1,1 @@
+"""nnU-Net-aware data plumbing: unlabeled discovery, preprocessing, loading."""
