@@ -89,7 +89,7 @@ def patient_frames(patient_dir: Path, need_label: Optional[bool]) -> Tuple[List[
         label = patient_dir / f"{case}_gt{FILE_ENDING}"
         C.check_files_exist([image], "image file", f"Info.cfg of {patient_dir.name} names frame {t}")
         if need_label:
-            C.check_files_exist([label], "label file", f"labeled patients need their _gt files")
+            C.check_files_exist([label], "label file", "labeled patients need their _gt files")
         has_label = need_label is not False and label.is_file()
         frames.append((case, image, label if has_label else None))
     return frames, info

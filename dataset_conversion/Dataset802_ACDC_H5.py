@@ -143,10 +143,10 @@ def load_volume(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     return image, label
 
 
-def _writer(load, spacing_zyx: Sequence[float]):
+def _writer(load, where: str, spacing_zyx: Sequence[float]):
     def write(image_paths: List[Path], label_path: Optional[Path]) -> None:
         image, label = load()
-        C.check_label_values(label, LABELS.values(), image_paths[0].name.replace("_0000", ""))
+        C.check_label_values(label, LABELS.values(), where)
         C.write_image(image.astype(np.float32, copy=False), image_paths[0], spacing_zyx)
         if label_path is not None:
             C.write_image(label.astype(np.uint8), label_path, spacing_zyx)
@@ -206,9 +206,11 @@ def convert(source: Path, output_root: Optional[Path] = None, dataset_id: int = 
         for f in frames:
             if f in from_slices:
                 load = (lambda f=f: load_frame_from_slices(data_dir, f, slices_of_frame[f]))
+                where = str(_slice_path(data_dir, f"{f}_slice_1").with_name(f"{f}_slice_*.h5"))
             else:
                 load = (lambda f=f: load_volume(data_dir / f"{f}.h5"))
-            jobs.append(C.CaseJob(f, role, _writer(load, spacing)))
+                where = str(data_dir / f"{f}.h5")
+            jobs.append(C.CaseJob(f, role, _writer(load, where, spacing)))
 
     root = C.resolve_output_root(output_root)
     folder_name = C.dataset_folder_name(dataset_id, name)

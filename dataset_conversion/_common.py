@@ -31,7 +31,7 @@ UNLABELED_IMAGES = "imagesUnlabeled"
 HIDDEN_UNLABELED_LABELS = "labelsUnlabeledHidden"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 class ConversionError(Exception):
@@ -383,6 +383,19 @@ def copy_file(src: Union[str, Path], dst: Union[str, Path]) -> None:
     shutil.copyfile(src, dst)
 
 
+def copy_nnunet_file(src: Path, dst: Path, file_ending: str, is_channel: bool) -> None:
+    """Copy an image channel (``{case}_XXXX``) or label (``{case}``) file and, for Tiff, its spacing side file.
+
+    nnU-Net's Tiff reader takes the spacing from ``{case}.json`` beside the files; without it spacing is (1, 1, 1).
+    """
+    copy_file(src, dst)
+    if file_ending.lower() in (".tif", ".tiff"):
+        cut = len(file_ending) + (5 if is_channel else 0)
+        side = src.parent / (src.name[:-cut] + ".json")
+        if side.is_file():
+            shutil.copyfile(side, dst.parent / (dst.name[:-cut] + ".json"))
+
+
 def group_channel_files(folder: Union[str, Path], file_ending: str, num_channels: int) -> Dict[str, List[Path]]:
     """``{case}_{channel:04d}{file_ending}`` files of ``folder`` as case -> channel files (sorted by channel).
 
@@ -396,7 +409,7 @@ def group_channel_files(folder: Union[str, Path], file_ending: str, num_channels
     for f in sorted(folder.iterdir()):
         if f.name.startswith(".") or not f.name.endswith(file_ending):
             continue
-        m = _CHANNEL_RE.match(f.name[: -len(file_ending)])
+        m = CHANNEL_RE.match(f.name[: -len(file_ending)])
         if m is None:
             raise ConversionError(f"{f}: name lacks the 4-digit channel suffix; expected "
                                   f"{{case}}_{{channel:04d}}{file_ending}")
@@ -528,8 +541,9 @@ def read_case(reader_class, image_paths: Sequence[Path]) -> Tuple[np.ndarray, di
     try:
         return reader_class().read_images([str(p) for p in image_paths])
     except (RuntimeError, AssertionError, OSError, ValueError) as e:
+        detail = str(e) or "details printed above"
         raise ConversionError(f"cannot read case {[str(p) for p in image_paths]} with {reader_class.__name__}: the "
-                              f"files are unreadable or their channels differ in shape or spacing ({e or 'see above'})")
+                              f"files are unreadable or their channels differ in shape or spacing ({detail})")
 
 
 def check_case_with_reader(reader_class, image_paths: Sequence[Path], label_path: Path,

@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -37,8 +36,13 @@ from typing import Dict, List, Optional, Tuple
 from nnunet_ssl.dataset_conversion import _common as C
 
 SITK_CONVERTIBLE = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl")
-KNOWN_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".tiff", ".tif", ".png", ".bmp")
-_CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
+
+
+def nnunet_file_endings() -> List[str]:
+    """Every file ending one of nnU-Net's readers accepts, longest first (so .nii.gz wins over .gz-less .nii)."""
+    from nnunetv2.imageio.reader_writer_registry import LIST_OF_IO_CLASSES
+
+    return sorted({e for rw in LIST_OF_IO_CLASSES for e in rw.supported_file_endings}, key=len, reverse=True)
 
 
 def find_dataset(dataset: str, raw_root: Optional[str]) -> Path:
@@ -61,7 +65,7 @@ def find_dataset(dataset: str, raw_root: Optional[str]) -> Path:
 
 
 def _ending_of(name: str) -> Optional[str]:
-    for e in KNOWN_ENDINGS:
+    for e in nnunet_file_endings():
         if name.lower().endswith(e):
             return name[-len(e):]
     return None
@@ -83,7 +87,7 @@ def scan_input(folder: Path, num_channels: int, naming: str) -> Tuple[str, str, 
     for f in images:
         e = _ending_of(f.name)
         if e is None:
-            raise C.ConversionError(f"{f}: not a format nnU-Net reads (expected one of {', '.join(KNOWN_ENDINGS)})")
+            raise C.ConversionError(f"{f}: not a format nnU-Net reads (expected one of {', '.join(nnunet_file_endings())})")
         endings.setdefault(e.lower(), []).append(f)
     if len(endings) > 1:
         raise C.ConversionError(f"{folder} mixes file endings {sorted(endings)}; put one format per folder")
@@ -96,7 +100,7 @@ def scan_input(folder: Path, num_channels: int, naming: str) -> Tuple[str, str, 
         grouped: Dict[str, Dict[int, Path]] = {}
         ok = True
         for f, s in stems.items():
-            m = _CHANNEL_RE.match(s)
+            m = C.CHANNEL_RE.match(s)
             if m is None:
                 ok = False
                 break
@@ -121,16 +125,13 @@ def existing_case_ids(folder: Path, ending: str, with_channel: bool) -> set:
     for f in folder.iterdir():
         if f.name.endswith(ending) and not f.name.startswith("."):
             s = f.name[: -len(ending)]
-            out.add(s[:-5] if with_channel and _CHANNEL_RE.match(s) else s)
+            out.add(s[:-5] if with_channel and C.CHANNEL_RE.match(s) else s)
     return out
 
 
 def _write_channel(src: Path, dst: Path, in_ending: str, out_ending: str) -> None:
     if in_ending == out_ending:
-        C.copy_file(src, dst)
-        side = src.parent / (src.name[: -len(in_ending) - 5] + ".json")
-        if in_ending in (".tif", ".tiff") and side.is_file():
-            shutil.copyfile(side, dst.parent / (dst.name[: -len(out_ending) - 5] + ".json"))
+        C.copy_nnunet_file(src, dst, in_ending, is_channel=True)
         return
     import SimpleITK as sitk
 
@@ -184,7 +185,7 @@ def add_unlabeled(dataset: str, input_folder: Path, raw_root: Optional[str] = No
         if unl_dir.is_dir():
             for f in unl_dir.iterdir():
                 s = f.name[: -len(ending)] if f.name.endswith(ending) else f.name[: -len(".json")]
-                if (s[:-5] if _CHANNEL_RE.match(s) else s) not in cases:
+                if (s[:-5] if C.CHANNEL_RE.match(s) else s) not in cases:
                     _link_or_copy(f, staging / f.name)
         for case, files in C.progress(cases.items(), desc=f"add to {ds.name}/{C.UNLABELED_IMAGES}", total=len(cases)):
             outs = [staging / f"{case}_{c:04d}{ending}" for c in range(n_ch)]

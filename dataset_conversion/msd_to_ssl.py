@@ -91,14 +91,6 @@ class Source:
         return m["name"] if m else self.folder.name
 
 
-def _copy_with_sidecar(src: Path, dst: Path, ending: str) -> None:
-    C.copy_file(src, dst)
-    # nnU-Net's Tiff reader takes spacing from {case}.json beside the channel files
-    side = src.parent / (src.name[: -len(ending) - 5] + ".json")
-    if ending in (".tif", ".tiff") and side.is_file():
-        C.copy_file(side, dst.parent / (dst.name[: -len(ending) - 5] + ".json"))
-
-
 def _writer(src: Source, files: List[Path], label: Optional[Path], check: bool):
     def write(image_paths: List[Path], label_path: Optional[Path]) -> None:
         if src.flavour == "msd":
@@ -113,13 +105,9 @@ def _writer(src: Source, files: List[Path], label: Optional[Path], check: bool):
             split_4d_nifti(str(files[0]), str(image_paths[0].parent))
         else:
             for f, dst in zip(files, image_paths):
-                _copy_with_sidecar(f, dst, src.file_ending)
+                C.copy_nnunet_file(f, dst, src.file_ending, is_channel=True)
         if label_path is not None:
-            C.copy_file(label, label_path)
-            if src.file_ending in (".tif", ".tiff"):
-                side = label.parent / (label.name[: -len(src.file_ending)] + ".json")
-                if side.is_file():
-                    C.copy_file(side, label_path.parent / (label_path.name[: -len(src.file_ending)] + ".json"))
+            C.copy_nnunet_file(label, label_path, src.file_ending, is_channel=False)
             if check:
                 reader = C.nnunet_reader(src.file_ending, image_paths[0],
                                          src.json if src.flavour == "nnunet" else None)

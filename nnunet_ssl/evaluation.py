@@ -39,7 +39,6 @@ import argparse
 import json
 import math
 import multiprocessing
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union

@@ -59,6 +59,8 @@ def find_unlabeled_cases(raw_dataset_folder: str, dataset_json: dict) -> Dict[st
             f"No unlabeled folder: {folder} does not exist. Put unlabeled images there, named "
             f"{{case}}_{{channel:04d}}{file_ending} with the same channels as imagesTr.")
     files = sorted(f for f in os.listdir(folder) if not f.startswith("."))
+    if file_ending.lower() in (".tif", ".tiff"):
+        files = [f for f in files if not f.endswith(".json")]  # nnU-Net's Tiff reader keeps spacing in {case}.json
     if not files:
         raise UnlabeledDataError(f"The unlabeled folder {folder} is empty: add images or remove the folder.")
     cases: Dict[str, Dict[int, str]] = {}

@@ -619,11 +619,7 @@ def test_ddp_all_reduce_matches_single_process_union():
     assert local.tau[2].item() == pytest.approx(0.9)  # absent locally: rank 0 alone would skip it
     assert expected.tau[2].item() != pytest.approx(0.9)
     with tempfile.TemporaryDirectory() as out_dir:
-        # fork skips re-importing torch in each child (seconds on a loaded 2-core machine)
-        method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-        mp.start_processes(
-            _ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True, start_method=method
-        )
+        mp.spawn(_ddp_worker, args=(2, _free_port(), out_dir), nprocs=2, join=True)
         results = [torch.load(f"{out_dir}/rank{r}.pt") for r in range(2)]
     for res in results:
         assert torch.allclose(res["tau"], expected.tau, atol=1e-7)

@@ -40,7 +40,8 @@ def synth():
 
 @pytest.fixture(autouse=True)
 def _isolated_nnunet_env(monkeypatch):
-    # converters look for id clashes in $nnUNet_preprocessed/$nnUNet_results; a developer's real folders must not leak in
+    # converters look for id clashes in $nnUNet_preprocessed/$nnUNet_results: a developer's real folders must not
+    # leak into the tests
     for v in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
         monkeypatch.delenv(v, raising=False)
 

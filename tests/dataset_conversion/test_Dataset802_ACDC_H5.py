@@ -131,3 +131,20 @@ def test_real_list_matches_embedded_literature_order(synth):
     prefix = M.slices_per_patient_prefix(slices)
     assert {n: prefix[n] for n in Dataset801_ACDC_SSL.LITERATURE_SETTINGS} == Dataset801_ACDC_SSL.LITERATURE_SETTINGS
     assert prefix[7] == 136 and patients[:7][3:] == ["patient100", "patient058", "patient021", "patient049"]
+
+
+def test_interrupt_midway_leaves_nothing(h5src, tmp_path, monkeypatch, capsys):
+    from nnunet_ssl.dataset_conversion import _common as C
+
+    real, calls = C.write_image, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C, "write_image", flaky)
+    assert M.main([str(h5src), "-o", str(tmp_path / "raw")]) == 130
+    assert "nothing was written" in capsys.readouterr().err
+    assert list((tmp_path / "raw").iterdir()) == []

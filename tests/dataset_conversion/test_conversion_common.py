@@ -165,3 +165,17 @@ def test_build_dataset_writes_nnunet_dataset_json_and_record(tmp_path, synth):
         C.build_dataset(root=tmp_path, folder_name="Dataset011_B", overwrite=False, jobs=jobs + jobs[:1],
                         num_channels=1, file_ending=".nii.gz", keep_unlabeled_labels=False, record={},
                         dataset_json={})
+
+
+def test_tiff_spacing_side_file_travels_with_images_and_labels(tmp_path):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for n in ("c1_0000.tif", "c1.tif"):
+        (src / n).write_bytes(b"tif")
+    (src / "c1.json").write_text('{"spacing": [2, 1, 1]}')
+    C.copy_nnunet_file(src / "c1_0000.tif", dst / "u_c1_0000.tif", ".tif", is_channel=True)
+    C.copy_nnunet_file(src / "c1.tif", dst / "v.tif", ".tif", is_channel=False)
+    assert sorted(p.name for p in dst.iterdir()) == ["u_c1.json", "u_c1_0000.tif", "v.json", "v.tif"]
+    with pytest.raises(C.ConversionError, match="missing file: .*nope.tif"):
+        C.copy_nnunet_file(src / "nope.tif", dst / "x.tif", ".tif", is_channel=False)
