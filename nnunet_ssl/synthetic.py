@@ -24,8 +24,8 @@ def _case(rng: np.random.Generator, shape: Sequence[int], num_channels: int) -> 
         centre[0], radii[0] = 0.0, 10.0
     organ = sum(((g - c) / r) ** 2 for g, c, r in zip(grids, centre, radii)) <= 1
     seg[organ] = 1
-    lc = centre + rng.uniform(-0.4, 0.4, len(shape)) * radii
-    lr = radii * rng.uniform(0.3, 0.45)
+    lc = centre + rng.uniform(-0.3, 0.3, len(shape)) * radii
+    lr = radii * rng.uniform(0.4, 0.55)
     if shape[0] == 1:
         lc[0], lr[0] = 0.0, 10.0
     lesion = (sum(((g - c) / r) ** 2 for g, c, r in zip(grids, lc, lr)) <= 1) & organ
@@ -35,7 +35,7 @@ def _case(rng: np.random.Generator, shape: Sequence[int], num_channels: int) -> 
         smooth = sum(np.sin((ch + 1 + rng.uniform(1, 3)) * g + rng.uniform(0, 6)) for g in grids)
         img = 100 + 8 * smooth + rng.normal(0, 12, shape)
         img[organ] += 30 + 5 * ch
-        img[lesion] -= 18
+        img[lesion] -= 40
         images.append(img.astype(np.float32))
     return np.stack(images), seg
 

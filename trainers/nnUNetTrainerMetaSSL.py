@@ -1,0 +1,254 @@
+"""MetaSSL (Zhao et al., IEEE TMI 2025) on Mean Teacher, FixMatch and CPS; spec: ``specs/metassl.md``.
+
+MetaSSL keeps the way a base method produces its *reference* prediction and replaces its unsupervised loss
+with a spatially heterogeneous CE toward the reference's argmax: every voxel falls into one of four regions
+(unanimous/discrepant x confident/suspicious against per-class adaptive thresholds), each region is averaged
+on its own and scaled by a fixed weight. The same region-weighted CE is applied to labeled images against
+the ground truth. Total: ``L = L_sup + lambda(t) * (L_l + L_u)`` with nnU-Net's supervised loss unchanged
+and the heterogeneous terms on the full-resolution output only (section 10).
+
+- ``nnUNetTrainerMetaSSL``: reference = EMA teacher (decay 0.99 with warm-up), supervised = student; the
+  teacher sees the same input as the student (section 7) and one teacher forward covers both batches.
+- ``nnUNetTrainerMetaSSLFixMatch`` (own file): reference = the network on the weak view (``no_grad``), supervised = the
+  strong view; CutMix mixes the weak-view logits with the image, so pseudo-labels and confidences stay
+  voxel-aligned. ``labeled_regions = "figure"`` (the ``released`` variant is degenerate here, section 7).
+- ``nnUNetTrainerMetaSSLCPS`` (own file): both directions; net k learns argmax of the other net, tau sets ``1_u, 2_u,
+  1_l, 2_l``; diagnostics carry suffixes ``_1`` / ``_2``.
+
+All three share :class:`MetaSSLMixin` (loss construction from class attributes, diagnostics accumulation,
+threshold logging, ``metassl_diagnostics.jsonl``, plots). The pure-torch parts are
+``nnunet_ssl.algorithms.metassl``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from batchgenerators.utilities.file_and_folder_operations import join
+
+from nnunet_ssl.algorithms.metassl import MetaSSLLoss, RegionCounter
+from nnunet_ssl.algorithms.perturb import clipped_gaussian_noise
+from nnunet_ssl.progress import SSLProgressLog
+from nnunet_ssl.trainers.budgets import budget_variant
+from nnunet_ssl.trainers.nnUNetTrainerMeanTeacher import nnUNetTrainerMeanTeacher
+
+DIAGNOSTICS_FILE = "metassl_diagnostics.jsonl"
+_KINDS = ("u", "l", "shadow")
+
+
+def scalars_to_floats(values: Mapping[str, torch.Tensor]) -> Dict[str, float]:
+    """0-dim tensors -> floats with a single host transfer."""
+    if not values:
+        return {}
+    return dict(zip(values, torch.stack([v.detach().double().reshape(()) for v in values.values()]).tolist()))
+
+
+class MetaSSLMixin:
+    """The MetaSSL machinery every MetaSSL trainer shares; put it first in the bases.
+
+    A trainer's ``compute_losses`` computes its supervised and reference logits and calls
+    :meth:`metassl_losses` once per direction. The mixin owns the ``MetaSSLLoss`` (in
+    ``ssl_modules["metassl"]``, so every tau set is checkpointed), sums the per-region counts of each epoch
+    (committed after successful optimizer steps only, all-reduced under DDP at epoch end), logs
+    ``u_frac_R``/``u_ce_R``/``u_wterm_R``, ``l_*``, ``shadow_acc_R``/``shadow_frac_R``, ``tau_{set}_{c}``,
+    ``metassl_L_u``/``metassl_L_l`` and lambda, writes ``metassl_diagnostics.jsonl`` (one JSON object per
+    epoch, rewritten atomically from the checkpointed log, so a resumed run never duplicates an epoch) and
+    prints a one-line summary.
+    """
+
+    # weight of L_l + L_u: lambda(t) = lambda_max * exp(-5 (1 - min(t / (f T), 1))^2) (section 6)
+    lambda_max = 0.1
+    rampup_fraction = 0.6
+    # region weights (section 4): preset + per-key overrides {"UC", "US", "DC", "DS"}
+    weights_preset = "paper"
+    w_unlabeled: Optional[Dict[str, float]] = None
+    w_labeled: Optional[Dict[str, float]] = None
+    split_uc = True
+    # adaptive class thresholds (section 2.2)
+    tau_init = 0.9
+    tau_momentum = 0.5
+    tau_max: Optional[float] = None
+    tau_skip_absent = True
+    # labeled variant (section 5)
+    labeled_regions = "released"
+    use_labeled_loss = True
+    # diagnostics suffix per direction ("" for one direction, ("_1", "_2") for CPS) and the tau sets to create
+    metassl_directions: Tuple[str, ...] = ("",)
+    metassl_tau_sets: Optional[Tuple[str, ...]] = None
+
+    # ------------------------------------------------------------------ modules
+    def build_method_modules(self) -> None:
+        super().build_method_modules()
+        self.ssl_modules["metassl"] = MetaSSLLoss(
+            self.label_manager.num_segmentation_heads, weights_preset=self.weights_preset,
+            w_unlabeled=self.w_unlabeled, w_labeled=self.w_labeled, split_uc=self.split_uc, tau_init=self.tau_init,
+            tau_momentum=self.tau_momentum, tau_max=self.tau_max, tau_skip_absent=self.tau_skip_absent,
+            labeled_regions=self.labeled_regions, tau_sets=self.metassl_tau_sets)
+        regions = self.metassl.regions
+        self._metassl_counters = {kind + sfx: RegionCounter(kind, regions, sfx)
+                                  for sfx in self.metassl_directions for kind in _KINDS}
+        self._metassl_pending: List[Tuple[str, Dict[str, torch.Tensor]]] = []
+        self._metassl_keys: List[str] = []
+        m = self.metassl
+        self.print_to_log_file(
+            f"MetaSSL: weights_preset={m.weights_preset}, w_unlabeled={m.weights_unlabeled}, "
+            f"w_labeled={m.weights_labeled}, split_uc={m.split_uc}, labeled_regions={m.labeled_regions}, "
+            f"use_labeled_loss={self.use_labeled_loss}, tau sets {list(m.sets)} (init {self.tau_init}, momentum "
+            f"{self.tau_momentum}, tau_max {self.tau_max}, skip_absent {self.tau_skip_absent}), "
+            f"lambda_max={self.lambda_max}, rampup_fraction={self.rampup_fraction}")
+
+    @property
+    def metassl(self) -> MetaSSLLoss:
+        return self.ssl_modules["metassl"]
+
+    @property
+    def metassl_ignore_label(self) -> Optional[int]:
+        return self.label_manager.ignore_label if self.label_manager.has_ignore_label else None
+
+    # ------------------------------------------------------------------ the loss of one direction
+    def metassl_losses(self, sup_u: torch.Tensor, ref_u: torch.Tensor, sup_l: torch.Tensor, ref_l: torch.Tensor,
+                       target, suffix: str = "", u_set: str = "ref_u", sup_l_set: str = "sup_l",
+                       ref_l_set: str = "ref_l", shadow: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                       ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(L_u, L_l)`` of one direction, updating its tau sets; queues the diagnostics of this step.
+
+        Args:
+            sup_u, ref_u: ``(B_u, C, *S)`` full-resolution supervised / reference logits on the unlabeled batch.
+            sup_l, ref_l: ``(B_l, C, *S)`` the same on the labeled batch.
+            target: nnU-Net's target (list under deep supervision; full resolution is used).
+            suffix: diagnostics key suffix of this direction.
+            u_set: the reference's unlabeled tau set (updated here; also the shadow check's set).
+            sup_l_set, ref_l_set: labeled tau sets of the ``released`` / ``figure`` variants.
+            shadow: ``(supervised, reference)`` labeled logits for the shadow check when they differ from
+                ``(sup_l, ref_l)`` (FixMatch: strong-view and weak-view predictions).
+        """
+        target = target[0] if isinstance(target, (list, tuple)) else target
+        ignore = self.metassl_ignore_label
+        l_u, s_u = self.metassl.unlabeled_loss(sup_u, ref_u, tau_set=u_set)
+        pending = [("u" + suffix, s_u)]
+        if self.use_labeled_loss:
+            l_l, s_l = self.metassl.labeled_loss(sup_l, ref_l, target, ignore, sup_set=sup_l_set, ref_set=ref_l_set)
+            pending.append(("l" + suffix, s_l))
+        else:
+            l_l = sup_l.new_zeros((), dtype=torch.float32)
+        sh_sup, sh_ref = shadow if shadow is not None else (sup_l, ref_l)
+        pending.append(("shadow" + suffix, self.metassl.shadow_diagnostics(sh_sup, sh_ref, target, ignore, u_set)))
+        self._metassl_pending.extend(pending)
+        return l_u, l_l
+
+    @staticmethod
+    def metassl_step_metrics(l_u: torch.Tensor, l_l: torch.Tensor, suffix: str = "") -> Dict[str, torch.Tensor]:
+        return {f"metassl_L_u{suffix}": l_u, f"metassl_L_l{suffix}": l_l}
+
+    # ------------------------------------------------------------------ epoch bookkeeping
+    def train_step(self, batch: dict) -> dict:
+        self._metassl_pending = []  # a skipped (non-finite) step must not leak its stats into the next one
+        return super().train_step(batch)
+
+    def after_optimizer_step(self) -> None:
+        super().after_optimizer_step()
+        # only steps that were taken count (a non-finite step is skipped before this hook)
+        for key, stats in self._metassl_pending:
+            self._metassl_counters[key].add(stats)
+        self._metassl_pending = []
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        for counter in self._metassl_counters.values():
+            counter.reset()
+        self._metassl_pending = []
+
+    def finalize_metrics(self, sums: Dict[str, float], steps: int) -> Dict[str, float]:
+        out = super().finalize_metrics(sums, steps)
+        metassl: Dict[str, float] = {}
+        for counter in self._metassl_counters.values():
+            counter.all_reduce(self.device)  # a collective: every rank finalizes every epoch
+            metassl.update(counter.summary())
+        metassl.update(self.metassl.threshold_diagnostics())
+        out.update(metassl)
+        self._metassl_keys = sorted(set(metassl) | {k for k in out if k.startswith("metassl_")} | {"lambda"})
+        return out
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        self.print_to_log_file(self.metassl_summary_line())
+
+    def metassl_summary_line(self) -> str:
+        """One line: lambda, L_u, L_l, unlabeled region fractions, shadow accuracies, thresholds."""
+        def last(key: str) -> float:
+            series = self.ssl_log.values.get(key)
+            return series[-1] if series else float("nan")
+
+        regions = self.metassl.regions
+        parts = [f"lambda {last('lambda'):.4g}"]
+        for sfx in self.metassl_directions:
+            head = f"[{sfx.strip('_')}] " if sfx else ""
+            parts.append(head + f"L_u {last('metassl_L_u' + sfx):.4g} L_l {last('metassl_L_l' + sfx):.4g}")
+            parts.append("u_frac " + " ".join(f"{r} {last(f'u_frac_{r}{sfx}'):.3f}" for r in regions))
+            parts.append("shadow_acc " + " ".join(f"{r} {last(f'shadow_acc_{r}{sfx}'):.3f}" for r in regions))
+        for name in self.metassl.sets:
+            taus = " ".join(f"{last(f'tau_{name}_{c}'):.3f}" for c in range(self.metassl.num_classes))
+            parts.append(f"tau_{name} ({taus})")
+        return "MetaSSL: " + " | ".join(parts)
+
+    def on_epoch_end(self):
+        super().on_epoch_end()
+        if self.local_rank == 0:
+            self.write_metassl_diagnostics(join(self.output_folder, DIAGNOSTICS_FILE))
+
+    def write_metassl_diagnostics(self, path: str) -> None:
+        """Rewrite ``path`` with one JSON object per epoch (the MetaSSL keys of the SSL log), atomically."""
+        log = SSLProgressLog()
+        log.values = {k: v for k, v in self.ssl_log.values.items() if k in self._metassl_keys}
+        log.write_jsonl(path)
+
+    def summary_keys(self) -> Sequence[str]:
+        return tuple(super().summary_keys()) + tuple(
+            k for sfx in self.metassl_directions for k in (f"metassl_L_u{sfx}", f"metassl_L_l{sfx}"))
+
+    def plot_groups(self) -> Dict[str, List[str]]:
+        groups = dict(super().plot_groups())
+        regions = self.metassl.regions
+        for sfx in self.metassl_directions:
+            groups[f"MetaSSL unlabeled region fractions{sfx}"] = [f"u_frac_{r}{sfx}" for r in regions]
+            groups[f"MetaSSL shadow accuracy of the reference (labeled){sfx}"] = [f"shadow_acc_{r}{sfx}"
+                                                                               for r in regions]
+        groups["MetaSSL losses"] = [f"metassl_L_{p}{sfx}" for sfx in self.metassl_directions for p in ("u", "l")]
+        groups["MetaSSL thresholds"] = [f"tau_{name}_{c}" for name in self.metassl.sets
+                                        for c in range(self.metassl.num_classes)]
+        return groups
+
+
+# ---------------------------------------------------------------------------------------------- Mean Teacher
+class nnUNetTrainerMetaSSL(MetaSSLMixin, nnUNetTrainerMeanTeacher):
+    """MetaSSL on Mean Teacher: reference = EMA teacher (0.99, warm-up), supervised = student."""
+
+    ema_decay = 0.99
+    noise_std = 0.0  # section 7: the teacher sees the same input as the student; > 0 adds MT's student noise
+
+    def compute_losses(self, data, target, unlabeled):
+        with torch.no_grad():  # one teacher pass on both batches (the released variant needs the labeled part)
+            t_l, t_u = [self.full_res(o) for o in self.forward_parts(self.teacher, data, unlabeled)]
+        student_u = clipped_gaussian_noise(unlabeled, self.noise_std, self.noise_clip) if self.noise_std > 0 \
+            else unlabeled
+        out_l, out_u = self.forward_parts(self.network, data, student_u)
+        sup = self.loss(out_l, target)
+        l_u, l_l = self.metassl_losses(self.full_res(out_u), t_u, self.full_res(out_l), t_l, target)
+        return sup, l_u + l_l, scalars_to_floats(self.metassl_step_metrics(l_u, l_l))
+
+
+# ---------------------------------------------------------------------------------------------- variants
+class nnUNetTrainerMetaSSL_released3d(nnUNetTrainerMetaSSL):
+    weights_preset = "released_3d"
+
+
+class nnUNetTrainerMetaSSL_uniform(nnUNetTrainerMetaSSL):
+    weights_preset = "uniform"
+
+
+class nnUNetTrainerMetaSSL_figure(nnUNetTrainerMetaSSL):
+    labeled_regions = "figure"
+
+
+nnUNetTrainerMetaSSL_sslTiny = budget_variant(nnUNetTrainerMetaSSL, "sslTiny")
+nnUNetTrainerMetaSSL_sslDemo = budget_variant(nnUNetTrainerMetaSSL, "sslDemo")

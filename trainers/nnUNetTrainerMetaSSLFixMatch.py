@@ -1,0 +1,46 @@
+"""MetaSSL on FixMatch (spec ``specs/metassl.md`` section 7); the shared machinery is ``MetaSSLMixin``."""
+from __future__ import annotations
+
+import torch
+
+from nnunet_ssl.algorithms.metassl import softmax_stats
+from nnunet_ssl.trainers.budgets import budget_variant
+from nnunet_ssl.trainers.nnUNetTrainerFixMatch import nnUNetTrainerFixMatch
+from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import MetaSSLMixin, scalars_to_floats
+
+
+class nnUNetTrainerMetaSSLFixMatch(MetaSSLMixin, nnUNetTrainerFixMatch):
+    """MetaSSL on FixMatch: reference = weak view (same network, ``no_grad``), supervised = strong view.
+
+    Labeled images get one (weak) forward, so the labeled reference is ``stop-grad(p_lab)`` and
+    ``labeled_regions = "figure"`` (agreement of the reference with y*). The shadow check applies the
+    unlabeled rule to the labeled batch: supervised = a no-grad prediction of its strong (intensity-only)
+    view, reference = the labeled forward (set ``shadow_strong_view = False`` to save that forward; the
+    check then only separates UC from US).
+    """
+
+    labeled_regions = "figure"
+    shadow_strong_view = True
+
+    def compute_losses(self, data, target, unlabeled):
+        if self.shadow_strong_view:
+            strong_l = self.strong_aug(data, self.strong_generator) if self.strong_aug is not None else data
+            weak_u, shadow_sup = self.weak_logits(unlabeled, strong_l)  # one no-grad pass
+        else:
+            (weak_u,), shadow_sup = self.weak_logits(unlabeled), None
+        strong_u, ref_u, _ = self.make_strong_view(unlabeled, weak_u)
+        out_l, out_s = self.forward_parts(self.network, data, strong_u)
+        sup = self.loss(out_l, target)
+        z_l = self.full_res(out_l)
+        ref_l = z_l.detach()
+        l_u, l_l = self.metassl_losses(self.full_res(out_s), ref_u, z_l, ref_l, target,
+                                       shadow=None if shadow_sup is None else (shadow_sup, ref_l))
+        with torch.no_grad():
+            _, pseudo, conf = softmax_stats(ref_u)
+        metrics = self.count_metrics(pseudo, conf >= self.threshold)  # pseudo-label histogram, 0.95-mask ratio
+        metrics.update(scalars_to_floats(self.metassl_step_metrics(l_u, l_l)))
+        return sup, l_u + l_l, metrics
+
+
+nnUNetTrainerMetaSSLFixMatch_sslTiny = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslTiny")
+nnUNetTrainerMetaSSLFixMatch_sslDemo = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslDemo")
