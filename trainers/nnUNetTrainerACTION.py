@@ -127,8 +127,10 @@ class _StepMetrics:
         tensors = [v for v in self.items.values() if torch.is_tensor(v)]
         if tensors:
             dev = tensors[0].device
-            flat = torch.stack([v.detach().float().reshape(()).to(dev) if torch.is_tensor(v)
-                                else torch.tensor(float(v), device=dev) for v in self.items.values()]).tolist()
+            dtype = torch.float32 if dev.type == "mps" else torch.float64  # constants such as 0.01 stay exact
+            flat = torch.stack([v.detach().to(dev, dtype).reshape(()) if torch.is_tensor(v)
+                                else torch.tensor(float(v), device=dev, dtype=dtype)
+                                for v in self.items.values()]).tolist()
         else:
             flat = [float(v) for v in self.items.values()]
         return dict(zip(keys, flat))
