@@ -21,6 +21,7 @@ from batchgenerators.utilities.file_and_folder_operations import join
 from torch import autocast, nn
 from torch import distributed as dist
 from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -69,6 +70,10 @@ class nnUNetTrainerSSL(nnUNetTrainer):
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and device.type == "cpu":
+            # nnU-Net assumes DDP means CUDA and switches to cuda:rank; keep a CPU process group (gloo) on CPU
+            self.device = device
+            self.grad_scaler = None
         if self.is_cascaded:
             raise SSLConfigurationError(
                 f"{self.__class__.__name__} does not support the cascade ('{configuration}' uses predictions of "
@@ -102,7 +107,17 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def initialize(self):
-        super().initialize()
+        if self.is_ddp and self.device.type == "cpu":
+            # nnU-Net wraps DDP with device_ids=[rank], which only exists for GPUs: build unwrapped, then wrap
+            # for CPU (gloo) with nnU-Net's per-rank batch size and DDP-aware Dice.
+            self.is_ddp = False
+            super().initialize()
+            self.is_ddp = True
+            self._set_batch_size_and_oversample()
+            self.network = DDP(self.network)
+            self.loss = self._build_loss()
+        else:
+            super().initialize()
         self.build_ssl_modules()
 
     def build_ssl_modules(self) -> None:
