@@ -23,7 +23,7 @@ from torch import distributed as dist
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class, nnUNetDatasetBlosc2
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.helpers import dummy_context
@@ -142,6 +142,12 @@ class nnUNetTrainerSSL(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def do_split(self):
+        if self.dataset_class is None:
+            self.dataset_class = infer_dataset_class(self.preprocessed_dataset_folder)
+        if len(self.dataset_class.get_identifiers(self.preprocessed_dataset_folder)) == 0:
+            raise UnlabeledDataError(
+                f"No labeled case in {self.preprocessed_dataset_folder}: SSL still needs labeled cases. Add some to "
+                f"imagesTr/labelsTr and run nnUNetv2_plan_and_preprocess again.")
         tr_keys, val_keys = super().do_split()
         if len(tr_keys) == 0:
             raise UnlabeledDataError(

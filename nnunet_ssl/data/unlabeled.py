@@ -249,9 +249,22 @@ def check_unlabeled_folder(folder: str, plans: dict, configuration: str, plans_i
             f"('{plans_identifier}', '{configuration}'); {fix} again.")
     if not manifest.get("cases"):
         raise UnlabeledDataError(f"The unlabeled pool in {folder} is empty; add images to imagesUnlabeled/ and {fix}.")
+    import pickle
+
+    import blosc2
+
     for c in manifest["cases"]:
         for suffix in (".b2nd", "_seg.b2nd", ".pkl"):
             p = os.path.join(folder, c + suffix)
             if not os.path.isfile(p) or os.path.getsize(p) == 0:
                 raise UnlabeledDataError(f"Preprocessed unlabeled case file {p} is missing or empty; {fix} again.")
+            try:  # header-only reads: a corrupt file must fail here, not later inside a loader worker
+                if suffix == ".pkl":
+                    with open(p, "rb") as f:
+                        pickle.load(f)
+                else:
+                    _ = blosc2.open(p, mode="r").shape
+            except Exception as e:
+                raise UnlabeledDataError(f"Preprocessed unlabeled case file {p} is corrupt ({type(e).__name__}: "
+                                         f"{e}); {fix} again.") from e
     return manifest

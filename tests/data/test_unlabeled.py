@@ -181,5 +181,9 @@ def test_check_folder_detects_other_plans_and_missing_cases(dataset3d, tmp_path)
     (broken / "unl001.b2nd").write_bytes(b"")
     with pytest.raises(UnlabeledDataError, match=r"unl001\.b2nd is missing or empty"):
         check_unlabeled_folder(str(broken), plans, "3d_fullres", "nnUNetPlans")
+    shutil.copy(src / "unl001.b2nd", broken / "unl001.b2nd")
+    (broken / "unl002_seg.b2nd").write_bytes(b"garbage, not blosc2")
+    with pytest.raises(UnlabeledDataError, match=r"unl002_seg\.b2nd is corrupt"):
+        check_unlabeled_folder(str(broken), plans, "3d_fullres", "nnUNetPlans")
     with pytest.raises(UnlabeledDataError, match="not preprocessed"):
         check_unlabeled_folder(str(tmp_path / "nope"), plans, "3d_fullres", "nnUNetPlans")

@@ -168,3 +168,13 @@ def test_budget_variant_is_registered_by_name():
     import nnunet_ssl.trainers.nnUNetTrainerMeanTeacher as m
     assert getattr(m, "nnUNetTrainerMeanTeacher_sslDemo") is cls
     assert issubclass(cls, nnUNetTrainerMeanTeacher)
+
+
+def test_zero_labeled_cases_is_a_clear_error(dataset3d, tmp_path):
+    from nnunetv2.training.dataloading.nnunet_dataset import nnUNetDatasetBlosc2
+
+    tr = make_trainer(nnUNetTrainerMeanTeacher_sslTiny, dataset3d, "3d_fullres", fold=3)
+    tr.preprocessed_dataset_folder = str(tmp_path)
+    tr.dataset_class = nnUNetDatasetBlosc2
+    with pytest.raises(UnlabeledDataError, match="No labeled case in .*Add some to imagesTr/labelsTr"):
+        tr.do_split()
