@@ -11,10 +11,11 @@ import sys
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-#: name -> (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch)
+#: name -> (num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch, save_every)
 BUDGETS = {
-    "sslTiny": (2, 3, 1),     # tests: seconds on CPU
-    "sslDemo": (12, 20, 4),   # `nnunet_ssl demo`: minutes on 2 CPU cores
+    "sslTiny": (2, 3, 1, 50),     # tests: seconds on CPU
+    "sslKill": (4, 4, 1, 1),      # interruption tests: a checkpoint after every epoch
+    "sslDemo": (12, 20, 4, 50),   # `nnunet_ssl demo`: minutes on 2 CPU cores
 }
 
 
@@ -24,7 +25,7 @@ def budget_variant(base: type, budget: str, module: str | None = None) -> type:
     The class is registered in ``module`` (default: ``base``'s module) so that pickling, DDP spawn and
     nnU-Net's lookup by name find it.
     """
-    epochs, iters, val_iters = BUDGETS[budget]
+    epochs, iters, val_iters, save_every = BUDGETS[budget]
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -32,6 +33,7 @@ def budget_variant(base: type, budget: str, module: str | None = None) -> type:
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iters
         self.num_val_iterations_per_epoch = val_iters
+        self.save_every = save_every
 
     name = f"{base.__name__}_{budget}"
     module = module or base.__module__
