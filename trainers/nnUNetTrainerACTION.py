@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.contrastive.anco import AnCoLoss, AnCoSampler
@@ -58,6 +59,36 @@ def feature_channels(net: nn.Module) -> List[int]:
     ``encoder.output_channels[-(k + 2)]`` channels (the skip it is fused with)."""
     out = list(net.encoder.output_channels)
     return [out[-1]] + [out[-(k + 2)] for k in range(len(net.decoder.stages))]
+
+
+def checkpointed_row_mean(fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
+                          rows: Sequence[torch.Tensor], chunk: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """Mean over rows of a row-separable loss, computed one activation-checkpointed chunk of rows at a time.
+
+    Contrastive losses against a large bank build ``(rows, bank)`` logit matrices several times over; with plain
+    chunking every chunk's matrices stay saved for backward. Here only each chunk's inputs are kept and its
+    matrices are recomputed in backward, so the extra memory is one chunk's worth.
+
+    Args:
+        fn: ``fn(*row_chunks) -> (mean loss over the chunk's rows, {name: detached mean statistic})``.
+        rows: tensors sharing the row axis 0 (``(N, ...)`` each).
+        chunk: rows per chunk.
+
+    Returns:
+        ``(loss, stats)``: row-weighted means over all ``N`` rows (``fn`` itself when ``N <= chunk``).
+    """
+    n = rows[0].shape[0]
+    if n <= chunk:
+        return fn(*rows)
+    total, stats = None, {}
+    for start in range(0, n, chunk):
+        part = [r[start:start + chunk] for r in rows]
+        loss, st = checkpoint(fn, *part, use_reentrant=False)
+        w = part[0].shape[0] / n
+        total = loss * w if total is None else total + loss * w
+        for k, v in st.items():
+            stats[k] = stats.get(k, 0.0) + v.detach() * w
+    return total, stats
 
 
 class StagewisePolyLR:
@@ -164,7 +195,9 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
     tau_t = 0.01
     window_cells_2d = 8           # P
     window_cells_3d = 4
-    local_chunk_rows = 2048       # rows of the local KL per chunk (3D has B * 343 rows)
+    # contrastive losses against a bank run in activation-checkpointed row chunks of at most this many logits
+    # (rows x bank columns): 2^20 fp32 logits = 4 MB per temporary, e.g. 84 rows against the 3D local bank
+    contrastive_chunk_elements = 2 ** 20
     # ---- fine-tuning (spec 2.6 - 2.8)
     sup_weight = 1.0              # lambda_sup
     pl_weight = 1.0               # lambda_u
@@ -180,6 +213,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
     anco_hard_threshold = 0.97
     tau_an = 0.5
     anco_proto_exact = False
+    embed_chunk_points = 2048     # points per chunk when embedding the no-grad key pool
     # ---- ACTION++ (spec 5); off in ACTION
     use_saacl = False
     saacl_weight = 0.01           # lambda_sa
@@ -210,11 +244,14 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         if self.anco_head_mode == "dense" and self.ndim != 2:
             raise SSLConfigurationError("anco_head_mode='dense' materialises the full-resolution feature map and is "
                                         "2D only; use 'point' for 3D configurations.")
-        if self.lr_schedule not in ("per_stage", "global"):
-            raise SSLConfigurationError(f"lr_schedule must be 'per_stage' or 'global', got {self.lr_schedule!r}")
+        for attr, allowed in (("lr_schedule", ("per_stage", "global")), ("mix_mode", ("cutmix", "classmix")),
+                              ("saacl_sampling", ("uniform", "hard")), ("assign_cost", ("dot", "l2"))):
+            if getattr(self, attr) not in allowed:
+                raise SSLConfigurationError(f"{attr} must be one of {allowed}, got {getattr(self, attr)!r}")
         self.capture: Optional[FeatureCapture] = None
         self.teacher_capture: Optional[FeatureCapture] = None
         self.generator = torch.Generator()
+        self._ddp_min_images: Dict[int, int] = {}
         self._step_in_epoch = 0
         self.strong_view = StrongView(p=self.strong_p)
         self.mixer = CutMix(self.cutmix_area) if self.mix_mode == "cutmix" else ClassMix()
@@ -311,7 +348,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         chans = feature_channels(net)
         d_g = self.global_dim_2d if n == 2 else self.global_dim_3d
         d_rho = self.anco_dim_2d if n == 2 else self.anco_dim_3d
-        cells = self.window_cells_2d if n == 2 else self.window_cells_3d
+        cells = self.window_cells()
         act = self.head_activation
         m = self.ssl_modules
         m["g"] = GlobalHead(chans[0], d_g, act)
@@ -424,6 +461,25 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
             + self._step_in_epoch
         return self.generator.manual_seed(seed % (2 ** 63))
 
+    def chunk_rows(self, columns: int) -> int:
+        """Rows per checkpointed chunk of a contrastive loss with ``columns`` logits per row."""
+        return max(1, self.contrastive_chunk_elements // max(columns, 1))
+
+    def _enqueue_images(self, queue: FIFOQueue, rows: torch.Tensor, images: int) -> None:
+        """Enqueue ``rows`` ``(images * G, D)`` (``G`` rows per image) as whole images.
+
+        Under DDP every rank must all-gather the same number of rows, but nnU-Net's per-rank batch sizes can
+        differ by one: every rank enqueues the smallest per-rank image count (one all_reduce, then cached).
+        """
+        group = rows.shape[0] // images
+        if is_distributed():
+            if images not in self._ddp_min_images:
+                n = torch.tensor([images], device=rows.device)
+                dist.all_reduce(n, op=dist.ReduceOp.MIN)
+                self._ddp_min_images[images] = int(n)
+            images = self._ddp_min_images[images]
+        queue.enqueue(rows[:images * group], group_size=group)
+
     def embedder(self, head: nn.Module, feats: Sequence[torch.Tensor], shape: Sequence[int]) -> Embed:
         """``coords (N, 1 + n) -> (N, D)``: ``head`` on the multi-level features ``feats`` read at ``coords``.
 
@@ -431,26 +487,42 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         released code's full-resolution concatenation ``(B, C_cat, H, W)`` once and indexes the head's output.
         """
         if self.anco_head_mode == "point":
-            return lambda c: head(gather_points(feats, c, shape))
+            def embed(coords: torch.Tensor) -> torch.Tensor:
+                if torch.is_grad_enabled() or coords.shape[0] <= self.embed_chunk_points:
+                    return head(gather_points(feats, coords, shape))
+                # the no-grad key pool (|C| * 4096 points): chunks keep the (N, C_cat) gather transient small
+                return torch.cat([head(gather_points(feats, c, shape))
+                                  for c in coords.split(self.embed_chunk_points)])
+            return embed
         cat = torch.cat([F.interpolate(f, size=tuple(shape), mode="bilinear", align_corners=False) for f in feats], 1)
         dense = head(cat)
         return lambda c: dense[c[:, 0], :, c[:, 1], c[:, 2]]
 
-    def _global_embeddings(self, u_s: torch.Tensor, u_t: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Bottlenecks ``(B, C_b, *S_b)`` -> ``z_s = normalise(q(g(u_s)))``, ``z_t = normalise(g_T(u_t))``, ``(B, d_g)``."""
+    def window_cells(self) -> int:
+        """``P``, pooled cells per window axis."""
+        return self.window_cells_2d if self.ndim == 2 else self.window_cells_3d
+
+    @torch.no_grad()
+    def teacher_global(self, u_t: torch.Tensor) -> torch.Tensor:
+        """Teacher bottleneck ``(B, C_b, *S_b)`` -> ``z_t = normalise(g_T(u_t))`` ``(B, d_g)`` float32."""
+        return F.normalize(self.ssl_modules["g_teacher"](u_t).float(), dim=1)
+
+    @torch.no_grad()
+    def teacher_windows(self, z_t: torch.Tensor) -> torch.Tensor:
+        """Teacher full-resolution logits ``(B, C, *S)`` -> window embeddings ``(B * 7^n, C * P^n)`` float32."""
+        cells = self.window_cells()
+        return windows_from_grid(self.ssl_modules["h_l_teacher"](pooled_grid(z_t, cells)), cells)
+
+    def _global_distillation(self, u_s: torch.Tensor, z_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
+        """L_glob of the student bottleneck ``u_s`` ``(B, C_b, *S_b)`` against the global queue, with teacher
+        targets ``z_t`` ``(B, d_g)``; then enqueue ``z_t`` (spec 2.4)."""
         m = self.ssl_modules
         z_s = F.normalize(m["q"](m["g"](u_s)).float(), dim=1)
-        with torch.no_grad():
-            z_t = F.normalize(m["g_teacher"](u_t).float(), dim=1)
-        return z_s, z_t
-
-    def _global_distillation(self, z_s: torch.Tensor, z_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
-        """L_glob against the global queue, then enqueue ``z_t`` (spec 2.4)."""
-        queue = self.ssl_modules["queue_glob"]
+        queue = m["queue_glob"]
         tau_s, tau_t = self.temperature("tau_s"), self.temperature("tau_t")
         # the loss saves the anchors for backward and the enqueue below writes the bank in place: use a snapshot
         loss, st = similarity_kl(z_s, z_t, queue.data.clone(), queue.valid_mask(), tau_s, tau_t, return_stats=True)
-        queue.enqueue(z_t, group_size=1)
+        self._enqueue_images(queue, z_t, z_t.shape[0])
         log.mean("loss_glob", loss.detach())
         log.mean("w_glob", 1.0)
         log.mean("tau_s", tau_s)
@@ -460,21 +532,23 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         log.ratio_finite("glob_entropy_s", st["entropy_s"].reshape(1), prefix_classes=False)
         return loss
 
-    def _local_distillation(self, z_s: torch.Tensor, z_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
-        """L_loc of window embeddings of full-resolution logits ``(B, C, *S)`` (spec 2.5), then enqueue.
+    def _local_distillation(self, z_s: torch.Tensor, w_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
+        """L_loc of the student's full-resolution logits ``z_s`` ``(B, C, *S)`` against the local queue, with
+        teacher window embeddings ``w_t`` ``(B * 7^n, C * P^n)`` (spec 2.5); then enqueue ``w_t``.
 
         The heads run on the pooled ``4P``-cell grid, so only C-channel pooled logits are ever processed.
         """
         m = self.ssl_modules
-        cells = self.window_cells_2d if self.ndim == 2 else self.window_cells_3d
+        cells = self.window_cells()
         n_w = 7 ** self.ndim
         w_s = windows_from_grid(m["r_l"](m["h_l"](pooled_grid(z_s, cells))), cells)
-        with torch.no_grad():
-            w_t = windows_from_grid(m["h_l_teacher"](pooled_grid(z_t, cells)), cells)
         queue = m["queue_loc"]
-        loss, st = similarity_kl(w_s, w_t, queue.data.clone(), queue.valid_mask(), self.temperature("tau_s"),
-                                 self.temperature("tau_t"), chunk_size=self.local_chunk_rows, return_stats=True)
-        queue.enqueue(w_t, group_size=n_w)
+        bank, valid = queue.data.clone(), queue.valid_mask()
+        tau_s, tau_t = self.temperature("tau_s"), self.temperature("tau_t")
+        loss, st = checkpointed_row_mean(
+            lambda s_rows, t_rows: similarity_kl(s_rows, t_rows, bank, valid, tau_s, tau_t, return_stats=True),
+            (w_s, w_t), self.chunk_rows(bank.shape[0]))
+        self._enqueue_images(queue, w_t, w_t.shape[0] // n_w)
         log.mean("loss_loc", loss.detach())
         log.mean("w_loc", 1.0)
         log.mean("queue_fill_loc", queue.fill_fraction)
@@ -509,11 +583,9 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         """Stage i: encoders only. Teacher on the weak view, student encoder (unwrapped) on the strong view."""
         x = torch.cat([data, unlabeled], 0)
         with torch.no_grad():
-            u_t = self.teacher.encoder(x)[-1]
+            z_t = self.teacher_global(self.teacher.encoder(x)[-1])
         u_s = self.student.encoder(self.strong_view(x, gen))[-1]
-        z_s, z_t = self._global_embeddings(u_s, u_t)
-        del u_t
-        loss = self._global_distillation(z_s, z_t, log)
+        loss = self._global_distillation(u_s, z_t, log)
         return torch.zeros((), device=self.device), loss
 
     def _stage_ii(self, data, target, unlabeled, gen, log):
@@ -524,18 +596,15 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         """
         b_l = data.shape[0]
         x = torch.cat([data, unlabeled], 0)
-        with torch.no_grad():
+        with torch.no_grad():  # the teacher keeps only its (B, d_g) and window embeddings
             skips = self.teacher.encoder(x)
-            z_t = self.teacher.decoder(skips)
-            u_t = skips[-1]
+            z_t = self.teacher_global(skips[-1])
+            w_t = self.teacher_windows(self.teacher.decoder(skips))
             del skips
         out = self.network(self.strong_view(x, gen))
         sup = self.loss(self.first(out, b_l), target)
-        u_s = self.capture.features()[0]
-        z_s, z_t_glob = self._global_embeddings(u_s, u_t)
-        del u_t
-        loss_glob = self._global_distillation(z_s, z_t_glob, log)
-        loss_loc = self._local_distillation(self.full_res(out), z_t, log)
+        loss_glob = self._global_distillation(self.capture.features()[0], z_t, log)
+        loss_loc = self._local_distillation(self.full_res(out), w_t, log)
         log.mean("loss_sup", sup.detach())
         log.mean("w_sup", self.sup_weight)
         return self.sup_weight * sup, loss_glob + loss_loc
@@ -624,9 +693,11 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         if changes:
             self.print_to_log_file(f"SAACL assignment pi changed: {centres.perm.tolist()}", also_print_to_console=False)
         tau_sa = self.temperature("tau_sa")
-        loss, st = saacl_loss(s_emb, t_emb, labels, queue.data.clone(), queue.labels.clone(), queue.valid_mask(),
-                              centres.centres,
-                              centres.perm, tau_sa, self.saacl_lambda_a)
+        bank, bank_labels, valid = queue.data.clone(), queue.labels.clone(), queue.valid_mask()
+        loss, st = checkpointed_row_mean(
+            lambda s_rows, t_rows, y_rows: saacl_loss(s_rows, t_rows, y_rows, bank, bank_labels, valid,
+                                                      centres.centres, centres.perm, tau_sa, self.saacl_lambda_a),
+            (s_emb, t_emb, labels), self.chunk_rows(bank.shape[0] + self.num_classes + 1))
         # DDP ranks must all-gather equal row counts: pad to 256 C rows with label -1 (masked)
         queue.enqueue(t_emb, labels, pad_to=self.saacl_points * self.num_classes if is_distributed() else None)
         log.mean("loss_saacl", loss.detach())
@@ -736,6 +807,16 @@ class nnUNetTrainerACTION_noPretrain(nnUNetTrainerACTION):
 
 class nnUNetTrainerACTIONPlusPlus_noPretrain(nnUNetTrainerACTIONPlusPlus):
     stage_fractions = (0.0, 0.0, 1.0)
+
+
+class nnUNetTrainerACTION_exportTeacher(nnUNetTrainerACTION):
+    """Exports (and finally validates) the EMA teacher instead of the student."""
+
+    export_teacher = True
+
+
+class nnUNetTrainerACTIONPlusPlus_exportTeacher(nnUNetTrainerACTIONPlusPlus):
+    export_teacher = True
 
 
 nnUNetTrainerACTION_sslTiny = budget_variant(nnUNetTrainerACTION, "sslTiny")

@@ -17,7 +17,6 @@ schedules and checkpoints it. Under DDP network 2 is wrapped in DDP as nnU-Net w
 from __future__ import annotations
 
 import inspect
-import os
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -52,9 +51,9 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
         optimizer = torch.optim.SGD(self.network2.parameters(), self.initial_lr, weight_decay=self.weight_decay,
                                     momentum=0.99, nesterov=True)
         scheduler = PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
-        if self.is_ddp:
+        if self.is_ddp:  # as nnU-Net wraps self.network (device_ids only exist for CUDA; CPU/gloo uses None)
             self.network2 = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.network2)
-            self.network2 = DDP(self.network2, device_ids=[self.local_rank])
+            self.network2 = DDP(self.network2, device_ids=[self.local_rank] if self.device.type == "cuda" else None)
         self.extra_optimizers.append((optimizer, scheduler, self.network2))
 
     def _build_second_network(self) -> nn.Module:
@@ -120,31 +119,6 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
     def exported_module(self) -> nn.Module:
         """The unwrapped network whose weights are exported (``export_network``)."""
         return self.net2 if self.export_network == 2 else self.student
-
-    def ssl_state_dict(self) -> dict:
-        state = super().ssl_state_dict()
-        if self.export_network == 2:
-            # network_weights holds network 2; the base's load_checkpoint restores network 1 from this key
-            state["student_weights"] = self.student.state_dict()
-        return state
-
-    def save_checkpoint(self, filename: str) -> None:
-        super().save_checkpoint(filename)
-        if self.export_network == 1 or self.local_rank != 0 or self.disable_checkpointing:
-            return
-        # The base writes the student as network_weights; swap in network 2 (atomically, like the base).
-        # A base-class hook `exported_module()` would make this re-write unnecessary.
-        checkpoint = torch.load(filename, map_location="cpu", weights_only=False)
-        checkpoint["network_weights"] = self.exported_module().state_dict()
-        tmp = f"{filename}.tmp-{os.getpid()}"
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, filename)
-
-    def on_train_end(self):
-        super().on_train_end()
-        if self.export_network == 2:
-            # the final validation must score the exported network
-            self.student.load_state_dict(self.exported_module().state_dict())
 
 
 class nnUNetTrainerCPS_exportNet2(nnUNetTrainerCPS):

@@ -6,7 +6,6 @@ The student sees the unlabeled batch with clipped Gaussian input noise; the EMA 
 """
 from __future__ import annotations
 
-import torch
 
 from nnunet_ssl.algorithms.losses.consistency import softmax_mse
 from nnunet_ssl.algorithms.perturb import clipped_gaussian_noise

@@ -7,7 +7,6 @@ non-finite-step handling, per-epoch SSL logging, checkpoint extras and resume --
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 from copy import deepcopy
@@ -203,9 +202,23 @@ class nnUNetTrainerSSL(nnUNetTrainer):
                 sys.stdout = f
                 self.dataloader_unlabeled._finish()
                 sys.stdout = old_stdout
-        if self.export_teacher and self.teacher is not None:
-            # the final validation must score the exported model
-            self.student.load_state_dict(self.teacher.state_dict())
+
+    def exported_module(self) -> nn.Module:
+        """The (unwrapped) network written as ``network_weights``: what ``nnUNetv2_predict`` uses and what the
+        final validation scores. Default: the student, or the EMA teacher when ``export_teacher``."""
+        return self.teacher if (self.export_teacher and self.teacher is not None) else self.student
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
+        exported = self.exported_module()
+        if exported is self.student:
+            return super().perform_actual_validation(save_probabilities)
+        # score the exported network (also after `--val`, where the student was restored into self.network)
+        student_state = {k: v.detach().clone() for k, v in self.student.state_dict().items()}
+        self.student.load_state_dict(exported.state_dict())
+        try:
+            return super().perform_actual_validation(save_probabilities)
+        finally:
+            self.student.load_state_dict(student_state)
 
     # ------------------------------------------------------------------ schedule
     @property
@@ -386,8 +399,8 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         }
         if self.teacher is not None:
             state["teacher_weights"] = self.teacher.state_dict()
-        if self.export_teacher:
-            state["student_weights"] = self.student.state_dict()
+        if self.exported_module() is not self.student:
+            state["student_weights"] = self.student.state_dict()  # network_weights holds another network
         return state
 
     def save_checkpoint(self, filename: str) -> None:
@@ -397,9 +410,8 @@ class nnUNetTrainerSSL(nnUNetTrainer):
         if self.disable_checkpointing:
             self.print_to_log_file("No checkpoint written, checkpointing is disabled")
             return
-        exported = self.teacher if (self.export_teacher and self.teacher is not None) else self.student
         checkpoint = {
-            "network_weights": exported.state_dict(),
+            "network_weights": self.exported_module().state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
             "grad_scaler_state": self.grad_scaler.state_dict() if self.grad_scaler is not None else None,
             "logging": self.logger.get_checkpoint(),

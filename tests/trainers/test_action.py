@@ -1,5 +1,7 @@
 """ACTION / ACTION++ trainers (specs/action.md section 9, items 13-16, plus stage-wise training and the CLI)."""
 import json
+import socket
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -7,8 +9,10 @@ import SimpleITK as sitk
 import torch
 
 from nnunet_ssl.algorithms.contrastive.point_gather import FeatureCapture
-from nnunet_ssl.trainers.nnUNetTrainerACTION import (nnUNetTrainerACTION_sslTiny, nnUNetTrainerACTIONPlusPlus_sslTiny,
-                                                     feature_channels, feature_modules)
+from nnunet_ssl.algorithms.contrastive.distillation import similarity_kl
+from nnunet_ssl.trainers.nnUNetTrainerACTION import (checkpointed_row_mean, feature_channels, feature_modules,
+                                                     nnUNetTrainerACTION, nnUNetTrainerACTION_sslTiny,
+                                                     nnUNetTrainerACTIONPlusPlus_sslTiny)
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
 
 from ..conftest import make_trainer, run_cli
@@ -52,6 +56,26 @@ def _groups(tr) -> dict:
            for part in ("encoder", "decoder")}
     out.update({h: state_copy(tr.ssl_modules[h]) for h in HEADS})
     return out
+
+
+def test_checkpointed_chunks_equal_the_unchunked_kl_and_gradient():
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.functional.normalize
+    s = norm(torch.randn(37, 8, generator=g), dim=1).requires_grad_(True)
+    t = norm(torch.randn(37, 8, generator=g), dim=1)
+    bank = norm(torch.randn(50, 8, generator=g), dim=1)
+    valid = torch.arange(50) < 41  # a partly filled queue
+
+    def fn(a, b):
+        return similarity_kl(a, b, bank, valid, 0.1, 0.01, return_stats=True)
+
+    ref, ref_st = fn(s, t)
+    (ref_grad,) = torch.autograd.grad(ref, s)
+    loss, st = checkpointed_row_mean(fn, (s, t), chunk=8)  # 5 chunks, the last one of 5 rows
+    (grad,) = torch.autograd.grad(loss, s)
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(grad, ref_grad)
+    torch.testing.assert_close(st["entropy_s"], ref_st["entropy_s"])
 
 
 # ------------------------------------------------------------------------------------------------ 13: stages
@@ -105,6 +129,24 @@ def test_stage_map_per_stage_poly_lr_and_idempotent_boundaries(dataset3d):
     assert_state_equal(state_copy(tr.teacher), once[0])
     assert_state_equal(state_copy(tr.ssl_modules), once[1])
     assert dict(tr.optimizer.state) == {} and tr._best_ema is None
+
+
+def test_ats_temperatures_follow_the_iteration_clock_of_each_stage(dataset3d):
+    pp = _budget(make_trainer(nnUNetTrainerACTIONPlusPlus_sslTiny, dataset3d, "3d_fullres", fold=0), 8, 4)
+    fixed = _budget(make_trainer(nnUNetTrainerACTION_sslTiny, dataset3d, "3d_fullres", fold=0), 8, 4)
+
+    def at(tr, epoch, step, name):
+        tr.current_epoch, tr._step_in_epoch = epoch, step
+        return tr.temperature(name)
+
+    # stage iii spans epochs 4-7, T_s = 16 iterations: tau(0) = tau+, tau(T/2) = tau-, tau(T/4) = mean
+    assert at(pp, 4, 0, "tau_an") == pytest.approx(1.0) and at(pp, 6, 0, "tau_an") == pytest.approx(0.1)
+    assert at(pp, 5, 0, "tau_sa") == pytest.approx(0.55) and at(pp, 7, 3, "tau_sa") < 1.0
+    # stage ii (epochs 2-3, T_s = 8): its own clock, tau_t in [0.01, 1]
+    assert at(pp, 2, 0, "tau_t") == pytest.approx(1.0) and at(pp, 3, 0, "tau_t") == pytest.approx(0.01)
+    assert at(pp, 0, 2, "tau_s") == pytest.approx(0.55)  # stage i: T_s = 8, t = 2 = T/4
+    # ACTION: fixed temperatures
+    assert [at(fixed, 6, 0, n) for n in ("tau_s", "tau_t", "tau_an")] == [0.1, 0.01, 0.5]
 
 
 # ------------------------------------------------------------------------------------------------ 15: hooks
@@ -257,6 +299,45 @@ def test_checkpoint_keys_and_resume_in_the_middle_of_stage_ii(dataset3d, tmp_pat
     other = _budget(make_trainer(_ActionOtherStages, dataset3d, "3d_fullres", fold=3), 8)
     with pytest.raises(SSLConfigurationError, match="stage_fractions"):
         other.load_checkpoint(str(ckpt))
+
+
+# ------------------------------------------------------------------------------------------------ DDP (gloo)
+def _ddp_sync_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    heads = torch.nn.ModuleDict({h: torch.nn.Linear(2, 2) for h in HEADS})
+    student = torch.nn.Module()
+    student.encoder = torch.nn.Linear(2, 2)
+    for h in ("g", "q"):
+        for p in heads[h].parameters():
+            p.grad = torch.full_like(p, float(rank + 1))      # ranks 1 and 2 -> mean 1.5
+    for p in heads["rho"].parameters():
+        p.grad = torch.full_like(p, 4.0) if rank == 1 else None  # None on rank 0 counts as zeros -> 2
+    heads["h_l"].weight.requires_grad_(False)                 # inactive: never synchronised
+    heads["h_l"].weight.grad = torch.full_like(heads["h_l"].weight, 7.0 + rank)
+    for p in student.encoder.parameters():
+        p.grad = torch.full_like(p, 2.0 * rank)               # stage i: the unwrapped encoder -> mean 1
+    nnUNetTrainerACTION.before_optimizer_step(SimpleNamespace(ssl_modules=heads, student=student, stage=1))
+    torch.save({k: (v.grad.clone() if v.grad is not None else None) for k, v in
+                [*heads.named_parameters(), *student.named_parameters()]}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_ddp_gradient_sync_of_heads_and_stage_i_encoder(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(_ddp_sync_worker, args=(2, port, str(tmp_path)), nprocs=2)
+    grads = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for k in grads[0]:
+        if k != "h_l.weight" and (grads[0][k] is not None or grads[1][k] is not None):
+            torch.testing.assert_close(grads[0][k], grads[1][k])  # identical updates on every rank
+    g = grads[0]
+    assert float(g["g.weight"].unique()) == float(g["q.bias"].unique()) == 1.5
+    assert float(g["rho.weight"].unique()) == 2.0 and float(g["encoder.bias"].unique()) == 1.0
+    assert g["r_l.weight"] is None and grads[1]["r_l.weight"] is None  # no rank had one: SGD keeps skipping it
+    assert float(g["h_l.weight"].unique()) == 7.0 and float(grads[1]["h_l.weight"].unique()) == 8.0
 
 
 # ------------------------------------------------------------------------------------------------ CLI

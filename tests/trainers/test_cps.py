@@ -3,6 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
 from nnunet_ssl.algorithms.losses.pseudo_label_ce import cross_pseudo_supervision
 from nnunet_ssl.trainers.nnUNetTrainerCPS import nnUNetTrainerCPS_sslTiny
 
@@ -92,7 +94,7 @@ def test_checkpoint_round_trip_restores_both_networks_and_optimizers(dataset3d, 
     assert fresh.ssl_iteration == 2
 
 
-def test_export_network_2(dataset3d, tmp_path):
+def test_export_network_2(dataset3d, tmp_path, monkeypatch):
     tr = start(make_trainer(_CPSExportNet2Tiny, dataset3d, "3d_fullres", fold=3))
     steps(tr, 1)
     ckpt = tmp_path / "net2.pth"
@@ -109,9 +111,16 @@ def test_export_network_2(dataset3d, tmp_path):
     plain = fresh.build_network_architecture(fresh.plans_manager, fresh.configuration_manager,
                                              fresh.num_input_channels, 3, False)
     plain.load_state_dict(saved["network_weights"])
-    # the final validation scores the exported network
+    # `--val` after loading: the validation scores network 2, not the restored network 1
+    scored = {}
+    monkeypatch.setattr(nnUNetTrainer, "perform_actual_validation",
+                        lambda self, save_probabilities=False: scored.update(state_copy(self.student)))
+    student_before = state_copy(fresh.student)
+    fresh.perform_actual_validation()
+    assert_state_equal(scored, state_copy(tr.net2))
+    assert_state_equal(state_copy(fresh.student), student_before)  # network 1 is back afterwards
+    # the final checkpoint exports network 2 as well
     tr.current_epoch = 1
     tr.on_train_end()
-    assert_state_equal(state_copy(tr.student), state_copy(tr.net2))
     final = torch.load(tr.output_folder + "/checkpoint_final.pth", weights_only=False)
     assert_state_equal(final["network_weights"], state_copy(tr.net2))

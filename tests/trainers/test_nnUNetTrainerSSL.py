@@ -100,6 +100,18 @@ def test_export_teacher_writes_teacher_and_resumes_student(dataset3d, tmp_path):
     fresh = make_trainer(_ExportTeacherTiny, dataset3d, "3d_fullres", fold=1)
     fresh.load_checkpoint(str(ckpt))
     assert_state_equal(state_copy(fresh.student), state_copy(tr.student))  # training resumes the student
+    # `--val` scores the exported teacher, then puts the student back
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    scored = {}
+    orig = nnUNetTrainer.perform_actual_validation
+    nnUNetTrainer.perform_actual_validation = lambda self, save_probabilities=False: scored.update(
+        state_copy(self.student))
+    try:
+        fresh.perform_actual_validation()
+    finally:
+        nnUNetTrainer.perform_actual_validation = orig
+    assert_state_equal(scored, state_copy(tr.teacher))
+    assert_state_equal(state_copy(fresh.student), state_copy(tr.student))
 
 
 def test_resume_continues_from_saved_epoch(dataset3d):
