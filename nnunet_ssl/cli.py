@@ -7,6 +7,10 @@
     nnunet_ssl demo [-o FOLDER]                  synthetic end-to-end run: labeled-only vs Mean Teacher
     nnunet_ssl convert NAME ...                  dataset conversion scripts
     nnunet_ssl evaluate PRED REF ...             Dice / HD95 / ASD per class
+    nnunet_ssl pseudolabel -d ID -c CONFIG [-tr TRAINER] [-p PLANS] [-f FOLDS ...] [-chk CHK] [-o OUT]
+                                                 pseudo-labels + confidence/entropy maps of imagesUnlabeled/
+    nnunet_ssl self-train -d ID -c CONFIG --rounds N [--student-trainer TRAINER] [--student-id ID] ...
+                                                 offline self-training (noisy student) with stock nnU-Net
 """
 from __future__ import annotations
 
@@ -91,6 +95,55 @@ def _evaluate(rest: List[str]) -> int:
     return int(evaluate_main(rest) or 0)
 
 
+def _pseudolabel(args) -> int:
+    from nnunet_ssl.selftrain import predict_pseudolabels
+
+    out = predict_pseudolabels(args.d, args.c, args.tr, args.p, args.f, args.chk, args.o, args.threshold,
+                               not args.disable_tta, args.step_size, args.device, args.npp, args.nps,
+                               args.overwrite)
+    print(f"Pseudo-labels, confidence and entropy maps written to {out}")
+    return 0
+
+
+def _self_train(args) -> int:
+    from nnunet_ssl.selftrain import run_self_training
+
+    result = run_self_training(args.d, args.c, args.rounds, args.tr, args.p, args.f, args.chk, args.student_trainer,
+                               args.student_id, args.threshold, args.case_cut, args.train_teacher,
+                               not args.disable_tta, args.step_size, args.device, args.npp, args.nps, args.np,
+                               args.overwrite)
+    for r in result.rounds:
+        print(f"round {r.round}: {r.student_dataset} ({len(r.pseudo_labeled)} pseudo-labeled, {len(r.dropped)} "
+              f"dropped) -> {r.student_model_folder}")
+    print(f"Final student: {result.final_model_folder}")
+    return 0
+
+
+def _add_model_arguments(s: argparse.ArgumentParser, trainer_help: str) -> None:
+    """The teacher model, named as for nnUNetv2_predict."""
+    s.add_argument("-d", required=True, help="dataset id or name (its imagesUnlabeled/ is pseudo-labeled)")
+    s.add_argument("-c", required=True, help="configuration, e.g. 3d_fullres")
+    s.add_argument("-tr", default="nnUNetTrainer", help=trainer_help)
+    s.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    s.add_argument("-f", nargs="+", default=None,
+                   help="folds of the fold ensemble (default: every fold with a checkpoint); 'all' for fold_all")
+    s.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
+
+
+def _add_prediction_arguments(s: argparse.ArgumentParser) -> None:
+    from nnunet_ssl.selftrain.common import DEFAULT_THRESHOLD
+
+    s.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                   help=f"voxel confidence threshold in [0, 1] (default {DEFAULT_THRESHOLD}): voxels below it are "
+                        f"counted as unconfident in the summaries and become the ignore label in self-training")
+    s.add_argument("--disable_tta", action="store_true", help="no mirroring test-time augmentation (faster)")
+    s.add_argument("-step_size", type=float, default=0.5, help="sliding-window step size (default 0.5)")
+    s.add_argument("-device", default=None, help="cuda, cpu or mps (default: cuda if available)")
+    s.add_argument("-npp", type=int, default=2, help="preprocessing worker processes (default 2; 0: none)")
+    s.add_argument("-nps", type=int, default=2, help="resampling/export worker processes (default 2; 0: none)")
+    s.add_argument("--overwrite", action="store_true", help="redo instead of resuming")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nnunet_ssl", description="Semi-supervised segmentation for nnU-Net v2.")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
@@ -129,6 +182,41 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", help="converter name")
     s.set_defaults(func=_convert, passthrough=True)
 
+    s = sub.add_parser("pseudolabel", help="pseudo-labels, confidence and entropy maps for imagesUnlabeled/",
+                       description="Predict every case of imagesUnlabeled/ with nnU-Net's predictor (fold ensemble) "
+                                   "and write hard pseudo-labels, confidence (max probability) and entropy maps in "
+                                   "the dataset's image format plus a JSON summary per case. Resumable: finished "
+                                   "cases are skipped. Output: <model folder>/pseudolabels_<folds>[_noTTA]/ "
+                                   "unless -o is given.")
+    _add_model_arguments(s, "trainer of the model (default nnUNetTrainer)")
+    s.add_argument("-o", default=None, help="output folder (default: pseudolabels_<folds>[_noTTA]/ in the model "
+                                            "folder)")
+    _add_prediction_arguments(s)
+    s.set_defaults(func=_pseudolabel)
+
+    from nnunet_ssl.selftrain.common import DEFAULT_CASE_CUT, DEFAULT_STUDENT_TRAINER
+
+    s = sub.add_parser("self-train", help="offline self-training (noisy student) with stock nnU-Net",
+                       description="Rounds of: pseudo-label imagesUnlabeled/ with the teacher, build a new dataset "
+                                   "(labeled + filtered pseudo-labeled cases, teacher's plans, pseudo-labeled cases "
+                                   "never validated on), train a noisier student with nnUNetv2_train. Round r+1's "
+                                   "teacher is round r's student. Resumable.")
+    _add_model_arguments(s, "trainer of the teacher (default nnUNetTrainer)")
+    s.add_argument("--rounds", type=int, default=1, help="self-training rounds (default 1)")
+    s.add_argument("--student-trainer", default=DEFAULT_STUDENT_TRAINER,
+                   help=f"nnU-Net trainer of the students (default {DEFAULT_STUDENT_TRAINER}: stronger augmentation)")
+    s.add_argument("--student-id", type=int, default=None,
+                   help="dataset id of round 1's student dataset; round r uses ID+r-1 (default: the lowest free id "
+                        "above the teacher's)")
+    s.add_argument("--case-cut", type=float, default=DEFAULT_CASE_CUT,
+                   help=f"drop a case whose mean confidence over its predicted foreground is below this, in [0, 1] "
+                        f"(default {DEFAULT_CASE_CUT}; 0 keeps every case)")
+    s.add_argument("--train-teacher", action="store_true",
+                   help="train missing teacher folds first with nnUNetv2_train (default: error if missing)")
+    s.add_argument("-np", type=int, default=2, help="preprocessing processes for the student dataset (default 2)")
+    _add_prediction_arguments(s)
+    s.set_defaults(func=_self_train)
+
     s = sub.add_parser("evaluate", help="Dice / HD95 / ASD per class of a prediction folder", add_help=False)
     s.set_defaults(func=lambda a, rest: _evaluate(rest), passthrough=True)
     return p
@@ -139,6 +227,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     from nnunet_ssl.data.unlabeled import UnlabeledDataError
+    from nnunet_ssl.selftrain.common import SelfTrainingError
 
     try:
         if getattr(args, "passthrough", False):
@@ -146,7 +235,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return args.func(args)
-    except UnlabeledDataError as e:
+    except (UnlabeledDataError, SelfTrainingError) as e:
         print(f"nnunet_ssl: error: {e}", file=sys.stderr)
         return 2
 
