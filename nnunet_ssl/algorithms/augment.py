@@ -89,9 +89,11 @@ class StrongView:
         out = x.float()
         factor = torch.where(u[0] < self.p, self._span(u[1], self.brightness), torch.ones_like(u[1]))
         out = out * factor.view(view)
-        factor = torch.where(u[2] < self.p, self._span(u[3], self.contrast), torch.ones_like(u[3]))
-        mean = out.flatten(2).mean(2).view(b, x.shape[1], *([1] * (x.ndim - 2)))
-        out = (out - mean) * factor.view(view) + mean
+        fire = u[2] < self.p
+        if bool(fire.any()):
+            mean = out.flatten(2).mean(2).view(b, x.shape[1], *([1] * (x.ndim - 2)))
+            # where() rather than a factor of 1, so samples without contrast change stay bit-identical
+            out = torch.where(fire.view(view), (out - mean) * self._span(u[3], self.contrast).view(view) + mean, out)
         blur = (u[4] < self.p).nonzero().squeeze(1)
         if blur.numel():
             sigma = self._span(u[5][blur], self.blur_sigma)
