@@ -15,6 +15,17 @@ decoder features are read through forward hooks (``FeatureCapture``) on the unwr
 sampled voxels (``gather_points``), so the full-resolution feature concatenation is never built. Heads,
 predictors, queues and centres live in ``self.ssl_modules`` and are optimised as extra parameter groups of
 nnU-Net's SGD: ``[network, g, q, h_l, r_l, rho]``, the same layout in every stage.
+
+Memory (spec section 3): teacher forwards run first under no_grad and keep only embeddings, uint8 pseudo-labels
+and fp16 confidences; one student forward on cat(labeled, unlabeled); contrastive losses against a bank (local
+KL, SAACL) run in activation-checkpointed row chunks (``contrastive_chunk_elements``), so their
+``rows x bank`` logit matrices never exist all at once; the no-grad AnCo key pool is embedded in chunks.
+
+Choices the spec leaves open (see the report in ``benchmarks/results/action_memory.md`` for numbers):
+stage boundaries round halves up (``round(f * E)``); in stage ii the labeled images are strongly augmented too, so
+one forward serves the supervised loss and the distillation of all images; ``saacl_sampling='hard'`` thresholds the
+*teacher's* class probability (points must be known before the teacher forward gathers them); the queues are
+snapshotted before the loss, because the losses keep the bank for backward and enqueueing writes it in place.
 """
 from __future__ import annotations
 
@@ -365,6 +376,11 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
             m["queue_saacl"] = FIFOQueue(self.saacl_queue, d_rho, with_labels=True)
             m["centres"] = CentreAssigner(c, d_rho, self.saacl_centroid_momentum, self.assign_cost)
         m.to(self.device)
+        if is_distributed():
+            # heads are initialised from each rank's own RNG: start every rank from rank 0's (DDP does the same
+            # for the network); the state_dict tensors share storage with the parameters and buffers
+            for t in m.state_dict().values():
+                dist.broadcast(t, src=0)
         # fixed group layout [network, g, q, h_l, r_l, rho]: inactive groups keep grad=None, so SGD skips them
         for name in ("g", "q", "h_l", "r_l", "rho"):
             self.optimizer.add_param_group({"params": list(m[name].parameters())})

@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nnunet_ssl.trainers import all_trainers
+from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
 
-TINY = sorted(n for n in all_trainers() if n.endswith("_sslTiny") and n != "nnUNetTrainer_sslTiny")
+TINY = sorted(n for n, c in all_trainers().items() if n.endswith("_sslTiny") and issubclass(c, nnUNetTrainerSSL))
 
 
 def _free_port():
