@@ -47,7 +47,9 @@ SKIP_EXIT_CODE = 0  # "data absent" is a skip, not a failure
 # ----------------------------------------------------------------------------------------------------------------
 
 def find_data(subfolder: str, explicit: Optional[str] = None) -> Optional[Path]:
-    """``explicit``, else ``$NNUNET_SSL_DATA/<subfolder>``, else ``<repo>/../shared/data/<subfolder>``; None if absent."""
+    """``explicit``, else ``$NNUNET_SSL_DATA/<subfolder>``, else ``<repo>/../shared/data/<subfolder>``.
+
+    None when the folder does not exist."""
     if explicit:
         p = Path(explicit)
         return p if p.is_dir() else None
@@ -83,7 +85,6 @@ def machine_info(device: str) -> dict:
     except ImportError:
         pass
     try:
-        import nnunetv2  # noqa: F401
         from importlib.metadata import version
 
         info["nnunetv2"] = version("nnunetv2")
@@ -675,7 +676,8 @@ class SSLBenchmark:
             cmd = ["nnunet_ssl", "convert", spec.converter, str(conv_src), "-d", str(spec.dataset_ids[i]), "--name",
                    spec.dataset_names[i], "-o", str(self.work / "raw"), "-n", str(n_lab), *spec.extra_convert_args,
                    *subset]
-            self.say(f"converting {self.dataset_folder_name(i)} ({'labeled subset + unlabeled' if i == 0 else 'all labeled'})")
+            what = "labeled subset + unlabeled" if i == 0 else "all labeled"
+            self.say(f"converting {self.dataset_folder_name(i)} ({what})")
             run_step(cmd, env, self.logs / f"convert_{i}.log", f"conversion of dataset {i}")
         for i in (0, 1):
             info[f"dataset_{i}"] = json.loads((self.raw(i) / "ssl_split.json").read_text())
@@ -897,8 +899,9 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--labeled-cases", nargs="+", default=None, help="explicit labeled cases (patients for ACDC)")
     p.add_argument("--seed", type=int, default=0, help="training seed of every run (network init, main-process RNG)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the budget's")
-    p.add_argument("--data", default=None, help=f"the {spec.data_subfolder} folder (default: $NNUNET_SSL_DATA/"
-                                                f"{spec.data_subfolder} or <repo>/../shared/data/{spec.data_subfolder})")
+    sub = spec.data_subfolder
+    p.add_argument("--data", default=None,
+                   help=f"the {sub} folder (default: $NNUNET_SSL_DATA/{sub} or <repo>/../shared/data/{sub})")
     p.add_argument("--work", default=None, help=f"work folder (default {DEFAULT_WORK}, or $NNUNET_SSL_BENCH_WORK)")
     p.add_argument("--results-dir", default=None,
                    help="where the JSON/Markdown go (default benchmarks/results, smoke runs in results/smoke)")
@@ -935,6 +938,9 @@ def main(spec: Spec, description: str, argv: Optional[Sequence[str]] = None) -> 
     except StepError as e:
         print(f"\n{spec.name}: error: {e}", file=sys.stderr, flush=True)
         return 1
+    except ValueError as e:  # e.g. an unknown trainer name
+        print(f"{spec.name}: error: {e}", file=sys.stderr, flush=True)
+        return 2
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1014,7 +1020,8 @@ def render_markdown(spec: Spec, data: dict) -> str:
     ref = data.get("reference") or spec.reference
     if ref:
         lines += ["", f"Reference ({ref.get('source')}):", "",
-                  "| run | labeled | " + " | ".join(f"{c} Dice" for c in classes) + " | mean Dice | training wall time |",
+                  "| run | labeled | " + " | ".join(f"{c} Dice" for c in classes) +
+                  " | mean Dice | training wall time |",
                   "|" + "---|" * (len(classes) + 4)]
         for row in ref.get("rows", []):
             lines.append(f"| {row['run']} | {row['labeled']} | " + " | ".join(fmt_num(row.get(c)) for c in classes) +

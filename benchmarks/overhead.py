@@ -37,12 +37,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import io
 import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -456,9 +454,10 @@ def render(result: dict) -> str:
     for cfg, res in result["configs"].items():
         p = res["plan"]
         cs = res.get("setting", s)
+        where = cs["machine"].get("gpu") or f"{cs['machine'].get('cpu_count')} CPU cores"
         lines += [f"## `{cfg}` (trained configuration `{res['trained_configuration']}`: patch {p['patch_size']}, batch "
                   f"{p['batch_size']}, {p['network']} {p['features_per_stage']})", "",
-                  f"Device {cs['device']} ({cs['machine'].get('gpu') or str(cs['machine'].get('cpu_count')) + ' CPU cores'}"
+                  f"Device {cs['device']} ({where}"
                   f", torch {cs['machine'].get('torch')}, {cs['torch_threads']} threads), plan `{cs['plan']}`, "
                   f"{cs['rounds']} interleaved rounds after {cs['warmup']} warm-up, load average "
                   f"{cs.get('loadavg_start')} -> {cs.get('loadavg_end')}, {cs['date']}, commit {cs.get('git')}.", "",
@@ -517,7 +516,7 @@ def parse(argv=None):
     p.add_argument("--plan", choices=("cpu", "nnunet"), default=None,
                    help="cpu: the benchmarks' CPU networks/batches (default on CPU); nnunet: nnU-Net's own plans")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="override the plan's labeled batch size (SSL trainers draw as many unlabeled); for quick checks")
+                   help="override the plan's labeled batch size (SSL trainers draw as many unlabeled); quick checks")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--no-preprocessing", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 rounds, 1 warm-up, 1 memory step; results/smoke/")
