@@ -811,6 +811,13 @@ class SSLBenchmark:
             print(f"SKIP {self.spec.name}: real data not found ({self.spec.data_subfolder} under {where}); set "
                   f"NNUNET_SSL_DATA or pass --data. See benchmarks/README.md.", flush=True)
             return SKIP_EXIT_CODE
+        if self.device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                print(f"{self.spec.name}: error: budget '{args.budget}' runs on CUDA but no GPU is visible; use "
+                      f"--budget cpu (or --device cpu to force this budget on the CPU)", file=sys.stderr, flush=True)
+                return 2
         if args.reprepare:
             for sub in ("raw", "preprocessed", "source"):
                 shutil.rmtree(self.work / sub, ignore_errors=True)

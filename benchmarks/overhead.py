@@ -267,8 +267,9 @@ def time_config(cfg: str, trained_cfg: str, names: List[str], args, work: Path) 
     for e, tr, _ in built:
         ts = times[e["label"]]
         if ts:
-            q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
-            e.update(median_s=statistics.median(ts), p25_s=q[0], p75_s=q[2], min_s=min(ts), n=len(ts))
+            q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) >= 2 else [ts[0]] * 3
+            e.update(median_s=statistics.median(ts), p25_s=q[0], p75_s=q[2], min_s=min(ts), n=len(ts),
+                     times_s=ts)
     del built
     torch.set_num_threads(torch.get_num_threads())
     return {"entries": entries}
