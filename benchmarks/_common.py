@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from nnunet_ssl.evaluation import nan_to_none
+
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -124,21 +126,10 @@ def fmt_num(v, scale: float = 1.0, nd: int = 1) -> str:
     return f"{v * scale:.{nd}f}"
 
 
-def json_clean(obj):
-    """NaN -> None recursively (JSON has no NaN)."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    return obj
-
-
 def write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(json_clean(data), indent=2) + "\n")
+    tmp.write_text(json.dumps(nan_to_none(data), indent=2) + "\n")
     os.replace(tmp, path)
 
 

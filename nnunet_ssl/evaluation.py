@@ -280,13 +280,14 @@ def _evaluate_case(args) -> dict:
             "metrics": case_metrics(pred_arr.astype(np.int32), ref_arr.astype(np.int32), labels, spacing)}
 
 
-def _nan_to_none(obj):
+def nan_to_none(obj):
+    """NaN -> None recursively through dicts, lists and tuples (JSON has no NaN)."""
     if isinstance(obj, float) and math.isnan(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: nan_to_none(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
+        return [nan_to_none(v) for v in obj]
     return obj
 
 
@@ -371,7 +372,7 @@ def evaluate_folder(pred_folder: Union[str, Path], ref_folder: Union[str, Path],
     out = Path(output_file) if output_file is not None else pred_folder / "summary_ssl.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w") as f:
-        json.dump(_nan_to_none(summary), f, indent=2)
+        json.dump(nan_to_none(summary), f, indent=2)
     summary["output_file"] = str(out)
     return summary
 
