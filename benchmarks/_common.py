@@ -235,14 +235,14 @@ def _vm_kb(key):
     return None
 
 
-def _make(base):
-    name = f"{base.__name__}_{_CFG['tag']}"
+def _make(base, tag, epochs):
+    name = f"{base.__name__}_{tag}"
 
     def __init__(self, plans, configuration, fold, dataset_json, device=_torch.device("cuda")):
         if _CFG["seed"] is not None:
             _seed_everything(int(_CFG["seed"]))
         base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = int(_CFG["epochs"])
+        self.num_epochs = int(epochs)
         self.num_iterations_per_epoch = int(_CFG["iterations"])
         self.num_val_iterations_per_epoch = int(_CFG["val_iterations"])
 
@@ -256,7 +256,7 @@ def _make(base):
     def on_train_end(self):
         t1 = _time.time()
         stats = {
-            "trainer": name, "base": base.__name__, "budget": dict(_CFG),
+            "trainer": name, "base": base.__name__, "budget": dict(_CFG, tag=tag, epochs=epochs),
             "train_loop_s": t1 - getattr(self, "_bench_t0", t1),
             "epochs_run": self.current_epoch - getattr(self, "_bench_epoch0", 0),
             "iterations_per_epoch": self.num_iterations_per_epoch,
@@ -294,7 +294,7 @@ def _make(base):
     attrs = {"__init__": __init__, "on_train_start": on_train_start, "on_train_end": on_train_end,
              "perform_actual_validation": perform_actual_validation,
              "__module__": _home.__name__,
-             "__doc__": f"{base.__name__}: benchmark budget {_CFG['tag']} ({_CFG['epochs']} x {_CFG['iterations']})"}
+             "__doc__": f"{base.__name__}: benchmark budget {tag} ({epochs} x {_CFG['iterations']})"}
     if issubclass(base, _SSL) and _CFG.get("unlabeled_batch_ratio") is not None:
         attrs["unlabeled_batch_ratio"] = float(_CFG["unlabeled_batch_ratio"])
     cls = type(name, (base,), attrs)
@@ -305,26 +305,32 @@ def _make(base):
 _known = dict(_all_trainers(), nnUNetTrainer=_nnUNetTrainer)
 for _b in _BASES:
     if _b in _known:
-        globals()[f"{_b}_{_CFG['tag']}"] = _make(_known[_b])
+        globals()[f"{_b}_{_CFG['tag']}"] = _make(_known[_b], _CFG["tag"], _CFG["epochs"])
+# half the epochs: the teacher and the student of offline self-training share one budget between them
+for _b in _CFG.get("half_bases", ()):
+    if _b in _known:
+        globals()[f"{_b}_{_CFG['tag']}Half"] = _make(_known[_b], _CFG["tag"] + "Half", _CFG["epochs"] // 2)
 '''
 
 
 def write_trainer_index(folder: Path, tag: str, epochs: int, iterations: int, val_iterations: int,
                         seed: Optional[int], bases: Sequence[str], unlabeled_batch_ratio: Optional[float] = 1.0,
-                        final_validation: bool = False) -> Tuple[Path, Dict[str, str]]:
+                        final_validation: bool = False, half_bases: Sequence[str] = ()) -> Tuple[Path, Dict[str, str]]:
     """Write ``folder/bench_trainer_index_<tag>.py`` (the only module there); return (folder, {base: variant}).
 
     Put ``folder`` on ``nnUNet_extTrainer`` (os.pathsep list) of the subprocesses. A base the installed package
     does not define is skipped by the module (nnU-Net then reports the unknown trainer). ``final_validation``
     False skips nnU-Net's validation at the end of training (with fold ``all`` it would only re-predict the
-    training cases).
+    training cases). Every base in ``half_bases`` also gets ``<base>_<tag>Half`` with ``epochs // 2`` epochs (the
+    two halves of offline self-training).
     """
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.py"):
         if old.name != f"bench_trainer_index_{tag}.py":
             old.unlink()
     cfg = {"tag": tag, "epochs": int(epochs), "iterations": int(iterations), "val_iterations": int(val_iterations),
-           "seed": seed, "unlabeled_batch_ratio": unlabeled_batch_ratio, "final_validation": bool(final_validation)}
+           "seed": seed, "unlabeled_batch_ratio": unlabeled_batch_ratio, "final_validation": bool(final_validation),
+           "half_bases": sorted(set(half_bases))}
     text = _INDEX_TEMPLATE.replace("__CFG__", repr(cfg)).replace("__BASES__", repr(sorted(set(bases))))
     write_text_atomic(folder / f"bench_trainer_index_{tag}.py", text)
     return folder, {b: f"{b}_{tag}" for b in bases}
@@ -548,6 +554,7 @@ class Budget:
     max_unlabeled: Optional[int] = None   # converter subset limits (smoke tests only)
     max_test: Optional[int] = None
     n_all: Optional[int] = None           # labeled cases of the upper-bound dataset (None = all)
+    selftrain_args: Tuple[str, ...] = ()  # extra `nnunet_ssl self-train` options (smoke: keep every case)
     note: str = ""
 
 
@@ -575,6 +582,11 @@ class Spec:
 
 
 UPPER = "nnUNetTrainer@all"
+#: offline self-training row: a half-budget nnUNetTrainer teacher, pseudo-labels, a half-budget noisy student
+SELFTRAIN = "SelfTraining"
+SELFTRAIN_TEACHER = "nnUNetTrainer"
+SELFTRAIN_STUDENT = "nnUNetTrainerNoisyStudent"
+SELFTRAIN_ROLE = "SSL (offline self-training)"
 
 
 class SSLBenchmark:
@@ -618,6 +630,7 @@ class SSLBenchmark:
                 {"key": UPPER, "trainer": "nnUNetTrainer", "dataset": 1,
                  "role": f"{self.spec.n_all_label} labeled (upper bound)"}]
         runs += [{"key": m, "trainer": m, "dataset": 0, "role": "SSL"} for m in methods]
+        runs.append({"key": SELFTRAIN, "trainer": SELFTRAIN_STUDENT, "dataset": 0, "role": SELFTRAIN_ROLE})
         if self.args.trainers:
             wanted, out = [], []
             for t in self.args.trainers:
@@ -625,6 +638,8 @@ class SSLBenchmark:
                     wanted.append(UPPER)
                 elif t in ("methods", "ssl"):
                     wanted += methods
+                elif t.lower().replace("-", "").replace("_", "") in ("selftraining", "selftrain"):
+                    wanted.append(SELFTRAIN)
                 else:
                     wanted.append(resolve_trainer(t))
             by_key = {r["key"]: r for r in runs}
@@ -741,6 +756,12 @@ class SSLBenchmark:
             rec.update(status="train_failed", error=log_tail(r.log, 3000))
             self.say(f"  FAILED: training {variant} exited with {r.rc}; see {r.log}")
             return rec
+        return self.predict_and_evaluate(rec, ds, variant, env)
+
+    def predict_and_evaluate(self, rec: dict, ds: str, variant: str, env: Dict[str, str]) -> dict:
+        """Predict the test images with ``variant``'s final checkpoint on dataset ``ds``; evaluate into ``rec``."""
+        b = self.budget
+        key = rec["key"].replace("@", "_at_")
         pred = self.work / "predictions" / key
         shutil.rmtree(pred, ignore_errors=True)
         self.say(f"predicting {len(list((self.raw(0) / 'imagesTs').glob('*')))} test volumes with {variant}"
@@ -772,9 +793,80 @@ class SSLBenchmark:
         }
         rec.update(status="ok", finished=now_iso())
         d = mean["mean_over_classes"]["Dice"]
-        self.say(f"  {run['key']}: mean Dice {fmt_num(d, 100)} %, HD95 {fmt_num(mean['mean_over_classes']['HD95_mm'])} "
-                 f"mm, train {fmt_s(r.wall_s)}, peak RSS {fmt_mb(r.peak_rss_tree_mb)}")
+        self.say(f"  {rec['key']}: mean Dice {fmt_num(d, 100)} %, HD95 {fmt_num(mean['mean_over_classes']['HD95_mm'])} "
+                 f"mm, train {fmt_s(rec.get('train_wall_s'))}, peak RSS {fmt_mb(rec.get('train_peak_rss_tree_mb'))}")
         return rec
+
+    # ------------------------------------------------------------------ offline self-training
+    @property
+    def selftrain_dataset_id(self) -> int:
+        return self.spec.dataset_ids[1] + 1
+
+    def run_selftrain(self, run: dict, env: Dict[str, str]) -> dict:
+        """One round of ``nnunet_ssl self-train`` at the same total budget as every other row: a labeled-only
+        ``nnUNetTrainer`` teacher trained for half the epochs, pseudo-labels of the unlabeled pool (package
+        defaults: voxel threshold, case cut), then ``nnUNetTrainerNoisyStudent`` for the other half on the labeled +
+        pseudo-labeled cases. The row's train time is everything: teacher, pseudo-labelling, building and
+        preprocessing the student dataset, student training."""
+        b = self.budget
+        ds0 = str(self.spec.dataset_ids[0])
+        sid = self.selftrain_dataset_id
+        teacher, student = f"{SELFTRAIN_TEACHER}_{self.tag}Half", f"{SELFTRAIN_STUDENT}_{self.tag}Half"
+        # a rerun starts clean: teacher model (its pseudo-labels live in its folder) and the student dataset
+        teacher_dir = self.work / "results" / self.dataset_folder_name(0) / f"{teacher}__{PLANS}__{b.configuration}"
+        shutil.rmtree(teacher_dir, ignore_errors=True)
+        for sub in ("raw", "preprocessed", "results"):
+            for d in (self.work / sub).glob(f"Dataset{sid:03d}_*"):
+                shutil.rmtree(d)
+        rec = {"key": run["key"], "trainer": f"{teacher} -> {student}", "variant": student, "role": run["role"],
+               "dataset": self.dataset_folder_name(0), "started": now_iso(), "loadavg_start": loadavg(),
+               "selftrain": {"teacher": teacher, "student": student, "teacher_epochs": b.epochs // 2,
+                             "student_epochs": b.epochs // 2, "student_dataset_id": sid}}
+        self.say(f"self-training: teacher {teacher} ({b.epochs // 2} x {b.iterations} iterations) on "
+                 f"{self.dataset_folder_name(0)}, log {self.logs / 'train_SelfTraining_teacher.log'}")
+        progress = (lambda line: self.say(f"  {run['key']}: {line}"))
+        rt = run_monitored(["nnUNetv2_train", ds0, b.configuration, "all", "-tr", teacher, "-p", PLANS, "-device",
+                            self.device], env, self.logs / "train_SelfTraining_teacher.log", progress=progress)
+        rec["selftrain"]["teacher_wall_s"] = rt.wall_s
+        if rt.rc != 0:
+            rec.update(status="train_failed", error=log_tail(rt.log, 3000), train_log=rt.log)
+            self.say(f"  FAILED: teacher training exited with {rt.rc}; see {rt.log}")
+            return rec
+        self.say(f"self-training: pseudo-labels, student dataset {sid}, student {student} ({b.epochs // 2} x "
+                 f"{b.iterations} iterations), log {self.logs / 'train_SelfTraining_student.log'}")
+        np_ = env.get("nnUNet_def_n_proc", "2")
+        cmd = ["nnunet_ssl", "self-train", "-d", ds0, "-c", b.configuration, "-tr", teacher, "-p", PLANS, "-f", "all",
+               "--student-trainer", student, "--student-id", str(sid), "-device", self.device, "-np", np_,
+               "-npp", "1", "-nps", "1"] + ([] if b.tta else ["--disable_tta"]) + list(b.selftrain_args)
+        rs = run_monitored(cmd, env, self.logs / "train_SelfTraining_student.log", progress=progress)
+        rec.update(train_wall_s=rt.wall_s + rs.wall_s,
+                   train_peak_rss_tree_mb=max(rt.peak_rss_tree_mb, rs.peak_rss_tree_mb),
+                   train_maxrss_mb=max(rt.maxrss_mb, rs.maxrss_mb), train_log=rs.log, loadavg_end=loadavg())
+        rec["selftrain"]["pseudolabel_and_student_wall_s"] = rs.wall_s
+        if rs.rc != 0:
+            rec.update(status="train_failed", error=log_tail(rs.log, 3000))
+            self.say(f"  FAILED: nnunet_ssl self-train exited with {rs.rc}; see {rs.log}")
+            return rec
+        student_raw = next((self.work / "raw").glob(f"Dataset{sid:03d}_*"))
+        split = json.loads((student_raw / "ssl_split.json").read_text())
+        rec["selftrain"].update(student_dataset=student_raw.name, num_pseudo_labeled=split["num_pseudo_labeled"],
+                                num_dropped=len(split["self_training"]["dropped"]),
+                                threshold=split["self_training"]["threshold"],
+                                case_cut=split["self_training"]["case_cut"])
+        stats = {}
+        for part, folder in (("teacher", teacher_dir / "fold_all"),
+                             ("student", self.work / "results" / student_raw.name /
+                              f"{student}__{PLANS}__{b.configuration}" / "fold_all")):
+            f = folder / "bench_stats.json"
+            if f.is_file():
+                stats[part] = json.loads(f.read_text())
+        if len(stats) == 2:  # the table's training loop / epoch columns: both halves together
+            loops = [stats[p].get("train_loop_s") for p in ("teacher", "student")]
+            epochs = [stats[p].get("epochs_run") or 0 for p in ("teacher", "student")]
+            if None not in loops and sum(epochs):
+                stats.update(train_loop_s=sum(loops), epoch_s_mean=sum(loops) / sum(epochs))
+        rec["train_stats"] = stats
+        return self.predict_and_evaluate(rec, str(sid), student, env)
 
     # ------------------------------------------------------------------ results
     def load(self) -> dict:
@@ -815,8 +907,9 @@ class SSLBenchmark:
         self.work.mkdir(parents=True, exist_ok=True)
         b = self.budget
         bases = sorted({r["trainer"] for r in runs})
+        half = (SELFTRAIN_TEACHER, SELFTRAIN_STUDENT) if any(r["key"] == SELFTRAIN for r in runs) else ()
         write_trainer_index(self.ext, self.tag, b.epochs, b.iterations, b.val_iterations, self.seed, bases,
-                            unlabeled_batch_ratio=1.0, final_validation=args.final_validation)
+                            unlabeled_batch_ratio=1.0, final_validation=args.final_validation, half_bases=half)
         env = nnunet_env(self.work, self.device, [str(self.ext)])
         self.say(f"work folder {self.work}; results {self.results_json}; device {self.device}; "
                  f"nnUNet_n_proc_DA={env.get('nnUNet_n_proc_DA', 'nnU-Net default')}")
@@ -862,7 +955,7 @@ class SSLBenchmark:
             self.say(f"run {k}/{len(todo)}: {r['key']}")
             variant = f"{r['trainer']}_{self.tag}"
             try:
-                rec = self.run_one(r, variant, env)
+                rec = self.run_selftrain(r, env) if r["key"] == SELFTRAIN else self.run_one(r, variant, env)
             except Exception as e:  # noqa: BLE001 - record and go on with the next trainer
                 rec = {"key": r["key"], "trainer": r["trainer"], "variant": variant, "role": r["role"],
                        "status": "error", "error": f"{type(e).__name__}: {e}"}
@@ -1004,7 +1097,7 @@ def render_markdown(spec: Spec, data: dict) -> str:
         d = mean.get("Dice")
         delta = "" if k in ("nnUNetTrainer", UPPER) or d is None or base_d is None else \
             f"{100 * (d - base_d):+.1f}"
-        if r.get("role") == "SSL" and d is not None and r.get("status") == "ok":
+        if str(r.get("role", "")).startswith("SSL") and d is not None and r.get("status") == "ok":
             best = max(best or (None, -1), (k, d), key=lambda x: x[1])
         st = r.get("train_stats") or {}
         mem = r.get("train_peak_rss_tree_mb")
@@ -1030,6 +1123,17 @@ def render_markdown(spec: Spec, data: dict) -> str:
             f" (target: at least +{spec.target_gain:.1f} at the CPU budget; " \
             f"{'met' if gain >= spec.target_gain else 'NOT met'})"
         lines += ["", f"Best SSL trainer: `{best[0]}`, {gain:+.1f} Dice points over labeled-only nnU-Net{target}."]
+    st_rec = (runs.get(SELFTRAIN) or {}).get("selftrain")
+    if st_rec:
+        lines += ["", f"`{SELFTRAIN}`: one round of `nnunet_ssl self-train` within the same total budget: teacher "
+                      f"`{st_rec['teacher']}` ({st_rec['teacher_epochs']} epochs, labeled cases only), pseudo-labels "
+                      f"of the unlabeled pool" + (f" ({st_rec['num_pseudo_labeled']} cases kept, "
+                                                  f"{st_rec['num_dropped']} dropped by the case cut "
+                                                  f"{st_rec['case_cut']}; voxels below {st_rec['threshold']} "
+                                                  f"confidence ignored)" if "num_pseudo_labeled" in st_rec else "") +
+                  f", student `{st_rec['student']}` ({st_rec['student_epochs']} epochs, labeled + pseudo-labeled). "
+                  f"Its train time covers all of it: teacher {fmt_s(st_rec.get('teacher_wall_s'))}, pseudo-labelling "
+                  f"+ student dataset + student {fmt_s(st_rec.get('pseudolabel_and_student_wall_s'))}."]
     if any(r.get("status") != "ok" for r in runs.values()):
         lines += ["", "Runs that did not finish (see the JSON for the error and the log path):", ""]
         for k in _row_order(runs):

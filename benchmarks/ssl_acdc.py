@@ -97,6 +97,7 @@ BUDGETS = {
                      note="nnU-Net's own 2d plan and 1000 x 250 schedule with TTA, for a GPU"),
     "smoke": C.Budget("smoke", "2d_smoke", epochs=2, iterations=4, val_iterations=1, tta=False, device="cpu",
                       cpu_plan=dict(CPU_PLAN, batch_size=2), max_unlabeled=6, max_test=4, n_all=5,
+                      selftrain_args=("--case-cut", "0"),
                       note="plumbing check: 2d_cpu with batch 2, 2 x 4 iterations, 6 unlabeled, 4 test volumes"),
 }
 

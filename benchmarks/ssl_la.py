@@ -84,6 +84,7 @@ BUDGETS = {
     "full": C.Budget("full", "3d_fullres", epochs=1000, iterations=250, val_iterations=50, tta=True, device="cuda",
                      note="nnU-Net's own 3d_fullres plan and 1000 x 250 schedule with TTA, for a GPU"),
     "smoke": C.Budget("smoke", "3d_cpu", epochs=2, iterations=3, val_iterations=1, tta=False, device="cpu",
+                      selftrain_args=("--case-cut", "0"),
                       cpu_plan=CPU_PLAN, max_test=3,
                       note="plumbing check: 3d_cpu, 2 x 3 iterations, 3 test cases"),
 }
