@@ -798,6 +798,30 @@ class SSLBenchmark:
         return rec
 
     # ------------------------------------------------------------------ offline self-training
+    def diagnose_teacher(self, ds: str, variant: str, env: Dict[str, str]) -> Optional[dict]:
+        """Test-set mean metrics of the self-training teacher (None if its prediction fails)."""
+        r = self.predict_and_evaluate({"key": f"{SELFTRAIN}_teacher"}, ds, variant, env)
+        return (r.get("metrics") or {}).get("mean") if r.get("status") == "ok" else None
+
+    def diagnose_pseudolabels(self, teacher_dir: Path) -> Optional[dict]:
+        """Pseudo-labels of the unlabeled pool against the truth, where the all-labeled dataset has it (the
+        benchmark's unlabeled cases are labeled training cases of the upper-bound dataset)."""
+        from nnunet_ssl.evaluation import evaluate_folder
+
+        folders = sorted(teacher_dir.glob("pseudolabels_*/labels"))
+        if not folders or not (self.raw(1) / "labelsTr").is_dir():
+            return None
+        try:
+            summary = evaluate_folder(folders[0], self.raw(1) / "labelsTr", dataset_json=self.raw(0) / "dataset.json",
+                                      output_file=self.work / "evaluations" / f"{SELFTRAIN}_pseudolabels.json",
+                                      allow_missing=True)
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
+            self.say(f"  (pseudo-label diagnostic skipped: {type(e).__name__}: {e})")
+            return None
+        self.say(f"  pseudo-labels vs truth: mean Dice {fmt_num(summary['mean']['mean_over_classes']['Dice'], 100)} % "
+                 f"over {len(summary['per_case'])} cases")
+        return {"n_cases": len(summary["per_case"]), "mean": summary["mean"]["mean_over_classes"]}
+
     @property
     def selftrain_dataset_id(self) -> int:
         return self.spec.dataset_ids[1] + 1
@@ -832,6 +856,8 @@ class SSLBenchmark:
             rec.update(status="train_failed", error=log_tail(rt.log, 3000), train_log=rt.log)
             self.say(f"  FAILED: teacher training exited with {rt.rc}; see {rt.log}")
             return rec
+        # diagnostics of an offline method: how good are the teacher and its pseudo-labels? (seconds, not timed)
+        rec["selftrain"]["teacher_test"] = self.diagnose_teacher(ds0, teacher, env)
         self.say(f"self-training: pseudo-labels, student dataset {sid}, student {student} ({b.epochs // 2} x "
                  f"{b.iterations} iterations), log {self.logs / 'train_SelfTraining_student.log'}")
         np_ = env.get("nnUNet_def_n_proc", "2")
@@ -853,6 +879,7 @@ class SSLBenchmark:
                                 num_dropped=len(split["self_training"]["dropped"]),
                                 threshold=split["self_training"]["threshold"],
                                 case_cut=split["self_training"]["case_cut"])
+        rec["selftrain"]["pseudolabels_vs_truth"] = self.diagnose_pseudolabels(teacher_dir)
         stats = {}
         for part, folder in (("teacher", teacher_dir / "fold_all"),
                              ("student", self.work / "results" / student_raw.name /
@@ -1043,6 +1070,18 @@ def _row_order(runs: Dict[str, dict]) -> List[str]:
     return first + sorted(k for k in runs if k not in first)
 
 
+def _selftrain_diagnostics(st_rec: dict) -> str:
+    teacher = (st_rec.get("teacher_test") or {}).get("Dice")
+    pl = st_rec.get("pseudolabels_vs_truth") or {}
+    out = ""
+    if teacher is not None:
+        out += f" Diagnostics: the teacher alone scores {fmt_num(teacher, 100)} mean Dice on the test set"
+    if pl.get("mean", {}).get("Dice") is not None:
+        out += (", and" if out else " Diagnostics:") + \
+            f" its pseudo-labels score {fmt_num(pl['mean']['Dice'], 100)} against the truth ({pl['n_cases']} cases)"
+    return out + "." if out else ""
+
+
 def render_markdown(spec: Spec, data: dict) -> str:
     s = data.get("setting") or {}
     runs = data.get("runs", {})
@@ -1133,7 +1172,8 @@ def render_markdown(spec: Spec, data: dict) -> str:
                                                   f"confidence ignored)" if "num_pseudo_labeled" in st_rec else "") +
                   f", student `{st_rec['student']}` ({st_rec['student_epochs']} epochs, labeled + pseudo-labeled). "
                   f"Its train time covers all of it: teacher {fmt_s(st_rec.get('teacher_wall_s'))}, pseudo-labelling "
-                  f"+ student dataset + student {fmt_s(st_rec.get('pseudolabel_and_student_wall_s'))}."]
+                  f"+ student dataset + student {fmt_s(st_rec.get('pseudolabel_and_student_wall_s'))}." +
+                  _selftrain_diagnostics(st_rec)]
     if any(r.get("status") != "ok" for r in runs.values()):
         lines += ["", "Runs that did not finish (see the JSON for the error and the log path):", ""]
         for k in _row_order(runs):
