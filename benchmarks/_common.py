@@ -653,6 +653,10 @@ class SSLBenchmark:
     def dataset_folder_name(self, i: int) -> str:
         return f"Dataset{self.spec.dataset_ids[i]:03d}_{self.spec.dataset_names[i]}"
 
+    def model_dir(self, dataset_folder: str, variant: str) -> Path:
+        """nnU-Net's model folder of ``variant`` trained on ``dataset_folder`` with this budget's configuration."""
+        return self.work / "results" / dataset_folder / f"{variant}__{PLANS}__{self.budget.configuration}"
+
     def raw(self, i: int) -> Path:
         return self.work / "raw" / self.dataset_folder_name(i)
 
@@ -734,8 +738,7 @@ class SSLBenchmark:
         i = run["dataset"]
         ds = str(spec.dataset_ids[i])
         key = run["key"].replace("@", "_at_")
-        fold_dir = self.work / "results" / self.dataset_folder_name(i) / f"{variant}__{PLANS}__{b.configuration}" / \
-            "fold_all"
+        fold_dir = self.model_dir(self.dataset_folder_name(i), variant) / "fold_all"
         if fold_dir.exists() and not (fold_dir / "checkpoint_final.pth").is_file():
             shutil.rmtree(fold_dir)  # an interrupted earlier attempt: start clean (never resume a timing run)
         elif (fold_dir / "checkpoint_final.pth").is_file():
@@ -803,16 +806,17 @@ class SSLBenchmark:
         r = self.predict_and_evaluate({"key": f"{SELFTRAIN}_teacher"}, ds, variant, env)
         return (r.get("metrics") or {}).get("mean") if r.get("status") == "ok" else None
 
-    def diagnose_pseudolabels(self, teacher_dir: Path) -> Optional[dict]:
+    def diagnose_pseudolabels(self, pseudolabel_folder: str) -> Optional[dict]:
         """Pseudo-labels of the unlabeled pool against the truth, where the all-labeled dataset has it (the
         benchmark's unlabeled cases are labeled training cases of the upper-bound dataset)."""
         from nnunet_ssl.evaluation import evaluate_folder
+        from nnunet_ssl.selftrain.pseudolabel import LABELS
 
-        folders = sorted(teacher_dir.glob("pseudolabels_*/labels"))
-        if not folders or not (self.raw(1) / "labelsTr").is_dir():
+        labels = Path(pseudolabel_folder) / LABELS
+        if not labels.is_dir() or not (self.raw(1) / "labelsTr").is_dir():
             return None
         try:
-            summary = evaluate_folder(folders[0], self.raw(1) / "labelsTr", dataset_json=self.raw(0) / "dataset.json",
+            summary = evaluate_folder(labels, self.raw(1) / "labelsTr", dataset_json=self.raw(0) / "dataset.json",
                                       output_file=self.work / "evaluations" / f"{SELFTRAIN}_pseudolabels.json",
                                       allow_missing=True)
         except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
@@ -837,7 +841,7 @@ class SSLBenchmark:
         sid = self.selftrain_dataset_id
         teacher, student = f"{SELFTRAIN_TEACHER}_{self.tag}Half", f"{SELFTRAIN_STUDENT}_{self.tag}Half"
         # a rerun starts clean: teacher model (its pseudo-labels live in its folder) and the student dataset
-        teacher_dir = self.work / "results" / self.dataset_folder_name(0) / f"{teacher}__{PLANS}__{b.configuration}"
+        teacher_dir = self.model_dir(self.dataset_folder_name(0), teacher)
         shutil.rmtree(teacher_dir, ignore_errors=True)
         for sub in ("raw", "preprocessed", "results"):
             for d in (self.work / sub).glob(f"Dataset{sid:03d}_*"):
@@ -879,11 +883,11 @@ class SSLBenchmark:
                                 num_dropped=len(split["self_training"]["dropped"]),
                                 threshold=split["self_training"]["threshold"],
                                 case_cut=split["self_training"]["case_cut"])
-        rec["selftrain"]["pseudolabels_vs_truth"] = self.diagnose_pseudolabels(teacher_dir)
+        rec["selftrain"]["pseudolabels_vs_truth"] = self.diagnose_pseudolabels(
+            split["self_training"]["pseudolabel_folder"])
         stats = {}
         for part, folder in (("teacher", teacher_dir / "fold_all"),
-                             ("student", self.work / "results" / student_raw.name /
-                              f"{student}__{PLANS}__{b.configuration}" / "fold_all")):
+                             ("student", self.model_dir(student_raw.name, student) / "fold_all")):
             f = folder / "bench_stats.json"
             if f.is_file():
                 stats[part] = json.loads(f.read_text())
