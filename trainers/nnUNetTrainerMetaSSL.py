@@ -250,5 +250,12 @@ class nnUNetTrainerMetaSSL_figure(nnUNetTrainerMetaSSL):
     labeled_regions = "figure"
 
 
+class nnUNetTrainerMetaSSL_noSplitUC(nnUNetTrainerMetaSSL):
+    """UC as one region (spec section 2). With the split, each confident-foreground voxel weighs |UC_bg| / |UC_fg|
+    times a confident-background one; on ACDC at 3 labeled patients the foreground then grew on unseen images
+    (benchmarks/results/ssl_acdc_cpu.md). This variant tests that explanation."""
+    split_uc = False
+
+
 nnUNetTrainerMetaSSL_sslTiny = budget_variant(nnUNetTrainerMetaSSL, "sslTiny")
 nnUNetTrainerMetaSSL_sslDemo = budget_variant(nnUNetTrainerMetaSSL, "sslDemo")

@@ -11,7 +11,7 @@ import torch
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.mixing import CutMix
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import DIAGNOSTICS_FILE, nnUNetTrainerMetaSSL, \
-    nnUNetTrainerMetaSSL_sslTiny
+    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
@@ -213,6 +213,17 @@ def test_2d_configuration_runs_metassl(dataset3d):
     tr.on_train_epoch_end(outs)
     assert max_abs_diff(before, state_copy(tr.student)) > 0
     _check_region_diagnostics(_last(tr))
+
+
+def test_no_split_uc_variant_uses_one_confident_region(dataset3d):
+    tr = start(make_trainer(nnUNetTrainerMetaSSL_noSplitUC, dataset3d, "2d", fold=4))
+    assert tr.metassl.split_uc is False and tr.metassl.regions == ("UC", "US", "DC", "DS")
+    outs = steps(tr, 2)
+    tr.on_train_epoch_end(outs)
+    v = _last(tr)
+    assert "u_frac_UCfg" not in v
+    assert sum(v[f"u_frac_{r}"] for r in ("UC", "US", "DC", "DS")) == pytest.approx(1.0)
+    assert v["metassl_L_u"] > 0 and v["metassl_L_l"] > 0
 
 
 @pytest.mark.slow
