@@ -15,7 +15,9 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 BUDGETS = {
     "sslTiny": (2, 3, 1, 50),     # tests: seconds on CPU
     "sslKill": (4, 4, 1, 1),      # interruption tests: a checkpoint after every epoch
-    "sslDemo": (12, 20, 4, 50),   # `nnunet_ssl demo`: minutes on 2 CPU cores
+    # `nnunet_ssl demo`: minutes on 2 CPU cores. At 12 x 20 the small lesion class ended unlearned (validation Dice
+    # < 0.2) in 5 of 20 demo trainings, 3 of 10 labeled-only and 2 of 10 Mean Teacher; at 12 x 40 in 0 of 14.
+    "sslDemo": (12, 40, 4, 50),
 }
 
 
