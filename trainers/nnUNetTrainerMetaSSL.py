@@ -253,7 +253,7 @@ class nnUNetTrainerMetaSSL_figure(nnUNetTrainerMetaSSL):
 class nnUNetTrainerMetaSSL_noSplitUC(nnUNetTrainerMetaSSL):
     """UC as one region (spec section 2). With the split, each confident-foreground voxel weighs |UC_bg| / |UC_fg|
     times a confident-background one; on ACDC at 3 labeled patients the foreground then grew on unseen images
-    (benchmarks/results/ssl_acdc_cpu.md). This variant tests that explanation."""
+    (diagnosis in benchmarks/README.md, "What the ACDC CPU rows show so far"). This variant tests that explanation."""
     split_uc = False
 
 
