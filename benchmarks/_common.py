@@ -414,6 +414,54 @@ def configuration_summary(plans_file: Path, configuration: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# peak memory of one process's tensors on CPU (the counterpart of torch.cuda.max_memory_allocated)
+# ----------------------------------------------------------------------------------------------------------------
+
+# glibc raises its mmap threshold after large frees and then keeps freed blocks in the heap, so a process's RSS
+# measures the allocator's fragmentation (which depends on the order and sizes of transient tensors) rather than
+# its live tensors; with a fixed threshold every large block goes back to the OS on free. Set it in the environment
+# of every subprocess whose resident memory is measured.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+
+
+def live_tensor_bytes() -> int:
+    """Bytes of the distinct CPU tensor storages reachable by the garbage collector (weights, grads, optimizer
+    state, teacher, queues, cached batches): the CPU counterpart of what CUDA reports as allocated."""
+    import gc
+
+    import torch
+
+    seen, total = set(), 0
+    for obj in gc.get_objects():
+        try:
+            if torch.is_tensor(obj) and obj.device.type == "cpu":
+                storage = obj.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        except Exception:  # noqa: BLE001 - tensors without storage (e.g. meta, sparse) do not count
+            continue
+    return total
+
+
+def profiled_step_peak(step: Callable[[], object], n: int) -> int:
+    """Peak of (allocated - allocated at the start) bytes over ``n`` calls of ``step``, from the profiler's
+    allocation events (every allocation and free of PyTorch's CPU allocator)."""
+    import torch.profiler as tp
+
+    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
+        for _ in range(n):
+            step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # running a command: wall time + peak memory
 # ----------------------------------------------------------------------------------------------------------------
 

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+import _common as C
+
 DATASET_ID = 995
 DATASET_NAME = "ActionBench"
 STAGE_FRACTIONS = {1: 0.25, 2: 0.25, 3: 0.5}
@@ -88,43 +90,6 @@ def _rss_kb(field: str) -> int:
         if line.startswith(field + ":"):
             return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def live_tensor_bytes() -> int:
-    """Bytes of the distinct CPU tensor storages reachable by the garbage collector (weights, grads, optimizer
-    state, teacher, queues, cached batches): the CPU counterpart of what CUDA reports as allocated."""
-    import gc
-
-    import torch
-
-    seen, total = set(), 0
-    for obj in gc.get_objects():
-        try:
-            if torch.is_tensor(obj) and obj.device.type == "cpu":
-                storage = obj.untyped_storage()
-                if storage.data_ptr() not in seen:
-                    seen.add(storage.data_ptr())
-                    total += storage.nbytes()
-        except Exception:  # noqa: BLE001 - tensors without storage (e.g. meta, sparse) do not count
-            continue
-    return total
-
-
-def profiled_step_peak(step, n: int) -> int:
-    """Peak of (allocated - allocated at the start) bytes over ``n`` calls of ``step``, from the profiler's
-    allocation events (every allocation and free of PyTorch's CPU allocator)."""
-    import torch.profiler as tp
-
-    with tp.profile(activities=[tp.ProfilerActivity.CPU], profile_memory=True) as prof:
-        for _ in range(n):
-            step()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    live = peak = 0
-    for e in events:
-        live += e.nbytes()
-        peak = max(peak, live)
-    return peak
 
 
 def worker(job: dict) -> dict:
@@ -188,9 +153,9 @@ def worker(job: dict) -> dict:
         out["rss_before_mb"] = rss_before / 1024
         out["train_rss_mb"] = out["peak_rss_mb"] - out["rss_before_mb"]
         gc.collect()
-        persistent = live_tensor_bytes()
+        persistent = C.live_tensor_bytes()
         k = iter(range(10 ** 9))
-        step_peak = profiled_step_peak(lambda: tr.train_step(batches[next(k) % BATCHES_CACHED]), 2)
+        step_peak = C.profiled_step_peak(lambda: tr.train_step(batches[next(k) % BATCHES_CACHED]), 2)
         out["persistent_mb"] = persistent / 2 ** 20
         out["step_peak_mb"] = step_peak / 2 ** 20
         out["peak_mb"] = out["persistent_mb"] + out["step_peak_mb"]  # ~ CUDA's max_memory_allocated
@@ -200,9 +165,8 @@ def worker(job: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- driver
 def run_job(job: dict) -> dict:
     env = dict(os.environ)
-    # glibc raises its mmap threshold after large frees and then keeps freed blocks in the heap, so RSS would
-    # measure fragmentation rather than live tensors: a fixed threshold returns every large block on free
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    for k, v in C.MALLOC_ENV.items():  # RSS of live tensors, not of glibc's heap (see _common.MALLOC_ENV)
+        env.setdefault(k, v)
     r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                        env=env)
     for line in r.stdout.splitlines():

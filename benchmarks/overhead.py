@@ -25,8 +25,11 @@ For each configuration (``2d``, ``3d_fullres``), in ONE process:
    ``--rounds`` rounds; the medians are compared. Interleaving makes the ratios robust to a machine whose load
    changes during the measurement.
 5. peak memory, one subprocess per trainer (a process's peak cannot be attributed to one of several trainers that
-   share it): on CPU the peak resident set (VmHWM, reset with /proc/self/clear_refs after set-up, so it covers
-   warm-up and the measured steps), on CUDA ``torch.cuda.max_memory_allocated``.
+   share it): on CUDA ``torch.cuda.max_memory_allocated``; on CPU the peak resident set (VmHWM, reset with
+   /proc/self/clear_refs after set-up), the spec's CPU measure, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
+   returns freed large blocks instead of keeping them in its heap. Beside it, the CPU counterpart of
+   ``max_memory_allocated``: tensors alive between steps + the peak of PyTorch's CPU allocations within a step
+   (profiler allocation events), which leaves out what glibc and oneDNN keep.
 6. preprocessing: time per case of ``nnunet_ssl``'s unlabeled preprocessing against nnU-Net's own preprocessing
    (``DefaultPreprocessor.run_case_save``, with the label) of the same images, interleaved, median of ``--pp-rounds``.
 
@@ -303,7 +306,11 @@ def memory_worker(args) -> int:
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer  # noqa: F401
 
     _t.all_trainers()
+    import gc
+
+    gc.collect()
     rss_before = _status_kb("VmRSS")
+    tensors_before = C.live_tensor_bytes() if args.device == "cpu" else 0
     tr, labeled = build(entry, args.config, work, args.device, batch_size=args.batch_size)
     rss_setup = _status_kb("VmRSS")
     reset = False
@@ -327,6 +334,15 @@ def memory_worker(args) -> int:
         out.update(cuda_peak_allocated_mb=torch.cuda.max_memory_allocated() / 2 ** 20,
                    cuda_allocated_after_setup_mb=cuda_setup / 2 ** 20,
                    cuda_peak_reserved_mb=torch.cuda.max_memory_reserved() / 2 ** 20)
+    else:
+        # the CPU counterpart of max_memory_allocated: tensors alive between steps (weights, optimizer state,
+        # teacher, heads, queues, the cached batches) + the peak of the allocations within a step
+        gc.collect()
+        persistent = C.live_tensor_bytes() - tensors_before
+        k = iter(range(10 ** 9))
+        step_peak = C.profiled_step_peak(lambda: step(tr, labeled, next(k), args.device), 2)
+        out.update(allocated_persistent_mb=persistent / 2 ** 20, allocated_step_peak_mb=step_peak / 2 ** 20,
+                   allocated_peak_mb=(persistent + step_peak) / 2 ** 20)
     print("MEMORY_RESULT " + json.dumps(out), flush=True)
     return 0
 
@@ -340,7 +356,7 @@ def measure_memory(entry: dict, trained_cfg: str, args, work: Path) -> dict:
     if entry["stage"] is not None:
         cmd += ["--stage", str(entry["stage"])]
     log = work / "logs" / f"memory_{trained_cfg}_{short(entry['label']).replace(' ', '_')}.log"
-    r = C.run_monitored(cmd, dict(os.environ), log)
+    r = C.run_monitored(cmd, {**C.MALLOC_ENV, **os.environ}, log)
     text = Path(r.log).read_text(errors="replace")
     line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("MEMORY_RESULT ")), None)
     if r.rc != 0 or line is None:
@@ -419,6 +435,8 @@ def analyse(result: dict) -> None:
                 e["time_over_analytic_bound"] = e["time_ratio"] / e["analytic_bound"]
             if mem_base and "peak_mb" in e:
                 e["mem_ratio"] = e["peak_mb"] / mem_base["peak_mb"]
+            if mem_base and e.get("alloc_peak_mb") and mem_base.get("alloc_peak_mb"):
+                e["alloc_ratio"] = e["alloc_peak_mb"] / mem_base["alloc_peak_mb"]
         targets = {}
         mt = next((e for e in entries if e["name"] == "nnUNetTrainerMeanTeacher" and "time_ratio" in e), None)
         if mt:
@@ -430,6 +448,10 @@ def analyse(result: dict) -> None:
             worst = max(action, key=lambda e: e["peak_mb"])
             targets["action_peak_over_mean_teacher"] = worst["peak_mb"] / mt_mem["peak_mb"]
             targets["action_peak_stage"] = worst["label"]
+            if mt_mem.get("alloc_peak_mb") and all(e.get("alloc_peak_mb") for e in action):
+                worst_alloc = max(action, key=lambda e: e["alloc_peak_mb"])
+                targets["action_alloc_over_mean_teacher"] = worst_alloc["alloc_peak_mb"] / mt_mem["alloc_peak_mb"]
+                targets["action_alloc_stage"] = worst_alloc["label"]
         res["targets"] = targets
 
 
@@ -448,10 +470,15 @@ def render(result: dict) -> str:
               "sensitive to other load on the machine). Memory: " + (
                   "peak GPU memory allocated by torch during warm-up + steps, one process per trainer." if
                   s["device"] == "cuda" else
-                  "one process per trainer; `peak memory` = peak resident set during warm-up + steps (VmHWM, reset "
-                  "after set-up) minus the resident set of the process before the trainer was built (Python, torch, "
-                  "nnU-Net imported), i.e. what the trainer (weights, optimizer state, teacher / second network, "
-                  "heads, loaders, activations) adds; the process's absolute peak is in the last column."), ""]
+                  "one process per trainer. `peak memory` (the measure of the ACTION target on CPU, "
+                  "specs/action.md section 3) = peak resident set during warm-up + steps (VmHWM, reset after set-up) "
+                  "minus the resident set before the trainer was built (Python, torch, nnU-Net imported), measured "
+                  "with `MALLOC_MMAP_THRESHOLD_=65536` so that large freed blocks leave the resident set; besides "
+                  "tensors it counts heap that glibc and oneDNN keep (primitive cache, fragmentation). `tensors "
+                  "(allocated)` = the CPU counterpart of CUDA's `max_memory_allocated`: tensors alive between steps "
+                  "(weights, optimizer state, teacher / second network, heads, queues, cached batches) + the peak of "
+                  "PyTorch's CPU allocations within a step (profiler allocation events, 2 steps). The process's "
+                  "absolute peak RSS is in the last column."), ""]
     for cfg, res in result["configs"].items():
         p = res["plan"]
         cs = res.get("setting", s)
@@ -464,11 +491,13 @@ def render(result: dict) -> str:
                   f"{cs.get('loadavg_start')} -> {cs.get('loadavg_end')}, {cs['date']}, commit {cs.get('git')}.", "",
                   "| trainer | s / step (median [p25, p75]) | x nnUNetTrainer | x (min times) | compute bound (FLOPs) "
                   "| time / bound | GFLOP / step | peak memory | x nnUNetTrainer | " +
-                  ("peak GPU memory |" if s["device"] == "cuda" else "peak RSS of the process |"),
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  ("peak GPU memory |" if s["device"] == "cuda" else
+                   "tensors (allocated) | x nnUNetTrainer | peak RSS of the process |"),
+                  "|---|---|---|---|---|---|---|---|---|---|" + ("" if s["device"] == "cuda" else "---|---|")]
         for e in res["entries"]:
             if "median_s" not in e and "peak_mb" not in e:
-                lines.append(f"| `{e['label']}` | failed: {e.get('error', '?')[:120]} | | | | | | | | |")
+                lines.append(f"| `{e['label']}` | failed: {e.get('error', '?')[:120]} | | | | | | | | |" +
+                             ("" if s["device"] == "cuda" else " | |"))
                 continue
             bound = C.fmt_num(e.get("flop_bound"), nd=2)
             if e.get("analytic_bound_text") and e["name"] != "nnUNetTrainer":
@@ -478,7 +507,10 @@ def render(result: dict) -> str:
                          f"{C.fmt_num(e.get('time_ratio_min'), nd=2)} | {bound} | "
                          f"{C.fmt_num(e.get('time_over_bound'), nd=2)} | "
                          f"{C.fmt_num((e.get('flops') or float('nan')) / 1e9, nd=1)} | {C.fmt_mb(e.get('peak_mb'))} | "
-                         f"{C.fmt_num(e.get('mem_ratio'), nd=2)} | {C.fmt_mb(e.get('abs_peak_mb'))} |")
+                         f"{C.fmt_num(e.get('mem_ratio'), nd=2)} | " +
+                         ("" if s["device"] == "cuda" else
+                          f"{C.fmt_mb(e.get('alloc_peak_mb'))} | {C.fmt_num(e.get('alloc_ratio'), nd=2)} | ") +
+                         f"{C.fmt_mb(e.get('abs_peak_mb'))} |")
         t = res.get("targets", {})
         lines.append("")
         if "mean_teacher_time_over_7_3" in t:
@@ -490,7 +522,9 @@ def render(result: dict) -> str:
         if "action_peak_over_mean_teacher" in t:
             lines.append(f"- ACTION peak memory / Mean Teacher's: **{t['action_peak_over_mean_teacher']:.2f}** "
                          f"(worst stage: {t['action_peak_stage']}; target <= 1.15: "
-                         f"{'met' if t['action_peak_over_mean_teacher'] <= 1.15 else 'NOT met'}).")
+                         f"{'met' if t['action_peak_over_mean_teacher'] <= 1.15 else 'NOT met'})" +
+                         (f"; tensors (allocated): {t['action_alloc_over_mean_teacher']:.2f} "
+                          f"({t['action_alloc_stage']})." if "action_alloc_over_mean_teacher" in t else "."))
         pp = res.get("preprocessing")
         if pp:
             lines.append(f"- Preprocessing per case ({pp['cases']} synthetic cases of {pp['image_shape_zyx']} voxels, "
@@ -596,6 +630,7 @@ def main(argv=None) -> int:
                     e["peak_mb"], e["abs_peak_mb"] = m["cuda_peak_allocated_mb"], m["cuda_peak_allocated_mb"]
                 else:  # what the trainer adds to a process that has imported torch / nnU-Net
                     e["peak_mb"], e["abs_peak_mb"] = m["trainer_rss_mb"], m["peak_rss_mb"]
+                    e["alloc_peak_mb"] = m["allocated_peak_mb"]
         if not args.no_preprocessing:
             say(f"{cfg}: preprocessing time per case")
             res["preprocessing"] = time_preprocessing(tc, work, args.pp_rounds)
