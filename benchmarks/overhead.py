@@ -29,7 +29,7 @@ For each configuration (``2d``, ``3d_fullres``), in ONE process:
    /proc/self/clear_refs after set-up), the spec's CPU measure, with ``MALLOC_MMAP_THRESHOLD_=65536`` so that glibc
    returns freed large blocks instead of keeping them in its heap. Beside it, the CPU counterpart of
    ``max_memory_allocated``: tensors alive between steps + the peak of PyTorch's CPU allocations within a step
-   (profiler allocation events), which leaves out what glibc and oneDNN keep.
+   (profiler allocation events), which leaves out what the allocator and libraries keep.
 6. preprocessing: time per case of ``nnunet_ssl``'s unlabeled preprocessing against nnU-Net's own preprocessing
    (``DefaultPreprocessor.run_case_save``, with the label) of the same images, interleaved, median of ``--pp-rounds``.
 
@@ -474,7 +474,7 @@ def render(result: dict) -> str:
                   "specs/action.md section 3) = peak resident set during warm-up + steps (VmHWM, reset after set-up) "
                   "minus the resident set before the trainer was built (Python, torch, nnU-Net imported), measured "
                   "with `MALLOC_MMAP_THRESHOLD_=65536` so that large freed blocks leave the resident set; besides "
-                  "tensors it counts heap that glibc and oneDNN keep (primitive cache, fragmentation). `tensors "
+                  "tensors it counts what the allocator and libraries keep (heap fragmentation, caches). `tensors "
                   "(allocated)` = the CPU counterpart of CUDA's `max_memory_allocated`: tensors alive between steps "
                   "(weights, optimizer state, teacher / second network, heads, queues, cached batches) + the peak of "
                   "PyTorch's CPU allocations within a step (profiler allocation events, 2 steps). The process's "
