@@ -461,6 +461,17 @@ def profiled_step_peak(step: Callable[[], object], n: int) -> int:
     return peak
 
 
+def cpu_allocated_peak(step: Callable[[], object], n: int = 2, baseline_bytes: int = 0) -> Tuple[int, int]:
+    """``(persistent, step_peak)`` bytes, whose sum is the CPU counterpart of ``torch.cuda.max_memory_allocated``:
+    the tensors alive now (minus ``baseline_bytes``, those that existed before the trainer was built) and the peak of
+    the allocations over ``n`` further calls of ``step``."""
+    import gc
+
+    gc.collect()
+    persistent = live_tensor_bytes() - baseline_bytes
+    return persistent, profiled_step_peak(step, n)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # running a command: wall time + peak memory
 # ----------------------------------------------------------------------------------------------------------------

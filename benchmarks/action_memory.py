@@ -152,10 +152,8 @@ def worker(job: dict) -> dict:
         out["peak_rss_mb"] = _rss_kb("VmHWM") / 1024
         out["rss_before_mb"] = rss_before / 1024
         out["train_rss_mb"] = out["peak_rss_mb"] - out["rss_before_mb"]
-        gc.collect()
-        persistent = C.live_tensor_bytes()
         k = iter(range(10 ** 9))
-        step_peak = C.profiled_step_peak(lambda: tr.train_step(batches[next(k) % BATCHES_CACHED]), 2)
+        persistent, step_peak = C.cpu_allocated_peak(lambda: tr.train_step(batches[next(k) % BATCHES_CACHED]))
         out["persistent_mb"] = persistent / 2 ** 20
         out["step_peak_mb"] = step_peak / 2 ** 20
         out["peak_mb"] = out["persistent_mb"] + out["step_peak_mb"]  # ~ CUDA's max_memory_allocated
@@ -164,9 +162,7 @@ def worker(job: dict) -> dict:
 
 # ----------------------------------------------------------------------------------------------- driver
 def run_job(job: dict) -> dict:
-    env = dict(os.environ)
-    for k, v in C.MALLOC_ENV.items():  # RSS of live tensors, not of glibc's heap (see _common.MALLOC_ENV)
-        env.setdefault(k, v)
+    env = {**C.MALLOC_ENV, **os.environ}  # RSS of live tensors, not of glibc's heap (see _common.MALLOC_ENV)
     r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(job)], capture_output=True, text=True,
                        env=env)
     for line in r.stdout.splitlines():

@@ -337,10 +337,9 @@ def memory_worker(args) -> int:
     else:
         # the CPU counterpart of max_memory_allocated: tensors alive between steps (weights, optimizer state,
         # teacher, heads, queues, the cached batches) + the peak of the allocations within a step
-        gc.collect()
-        persistent = C.live_tensor_bytes() - tensors_before
         k = iter(range(10 ** 9))
-        step_peak = C.profiled_step_peak(lambda: step(tr, labeled, next(k), args.device), 2)
+        persistent, step_peak = C.cpu_allocated_peak(lambda: step(tr, labeled, next(k), args.device),
+                                                     baseline_bytes=tensors_before)
         out.update(allocated_persistent_mb=persistent / 2 ** 20, allocated_step_peak_mb=step_peak / 2 ** 20,
                    allocated_peak_mb=(persistent + step_peak) / 2 ** 20)
     print("MEMORY_RESULT " + json.dumps(out), flush=True)
