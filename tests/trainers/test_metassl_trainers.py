@@ -11,7 +11,7 @@ import torch
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.mixing import CutMix
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import DIAGNOSTICS_FILE, nnUNetTrainerMetaSSL, \
-    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_sslTiny
+    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
@@ -224,6 +224,24 @@ def test_no_split_uc_variant_uses_one_confident_region(dataset3d):
     assert "u_frac_UCfg" not in v
     assert sum(v[f"u_frac_{r}"] for r in ("UC", "US", "DC", "DS")) == pytest.approx(1.0)
     assert v["metassl_L_u"] > 0 and v["metassl_L_l"] > 0
+
+
+@pytest.mark.parametrize("cls, noisy", [(nnUNetTrainerMetaSSL_sslTiny, False), (nnUNetTrainerMetaSSL_noise, True)])
+def test_student_noise_only_in_noise_variant(dataset3d, cls, noisy):
+    tr = start(make_trainer(cls, dataset3d, "2d", fold=4))
+    seen = {}  # network -> unlabeled part of the batch it was given
+
+    def record(net, *parts):
+        seen["teacher" if net is tr.teacher else "student"] = parts[-1].detach().clone()
+        return type(tr).forward_parts(tr, net, *parts)
+
+    tr.forward_parts = record
+    steps(tr, 1)
+    diff = (seen["student"] - seen["teacher"]).abs()
+    if noisy:
+        assert 0 < diff.max() <= tr.noise_clip + 1e-6 and diff.mean() > 0.1 * tr.noise_std
+    else:
+        assert diff.max() == 0
 
 
 @pytest.mark.slow
