@@ -259,9 +259,9 @@ class nnUNetTrainerMetaSSL_noSplitUC(nnUNetTrainerMetaSSL):
 
 class nnUNetTrainerMetaSSL_noise(nnUNetTrainerMetaSSL):
     """The student sees Mean Teacher's clipped Gaussian noise on the unlabeled batch; the teacher sees the clean one.
-    Released MetaSSL-MT perturbs nothing, so student and EMA teacher agree on their own false positives, which UC then
-    reinforces; MetaSSL on FixMatch (strong view for the student) did not drift on ACDC (benchmarks/README.md). This
-    variant tests whether a perturbation alone is enough."""
+    Hypothesis under test (benchmarks/README.md): released MetaSSL-MT perturbs nothing, so student and EMA teacher
+    agree on their own false positives and UC reinforces them; MetaSSL on FixMatch (strong view for the student) did
+    not drift on ACDC. This variant asks whether a perturbation alone is enough."""
     noise_std = nnUNetTrainerMeanTeacher.noise_std
 
 
