@@ -839,21 +839,26 @@ class SSLBenchmark:
             rec.update(status="predict_failed", error=log_tail(rp.log, 3000))
             self.say(f"  FAILED: prediction exited with {rp.rc}; see {rp.log}")
             return rec
-        from nnunet_ssl.evaluation import evaluate_folder
+        self.evaluate(rec, pred, env)
+        rec.update(status="ok", finished=now_iso())
+        return rec
 
+    def evaluate(self, rec: dict, pred: Path, env: Dict[str, str]) -> dict:
+        """Score the predictions in ``pred`` against the test labels into ``rec['metrics']``."""
+        from nnunet_ssl.evaluation import POOLED, evaluate_folder
+
+        key = rec["key"].replace("@", "_at_")
         summary = evaluate_folder(pred, self.raw(0) / "labelsTs", dataset_json=self.raw(0) / "dataset.json",
                                   output_file=self.work / "evaluations" / f"{key}.json",
                                   num_processes=int(env.get("nnUNet_def_n_proc", "1")))
         mean = summary["mean"]
+        keep = ("Dice", "HD95_mm", "ASD_mm", "HD95_vox", "ASD_vox", "n_empty_prediction", "n_valid_HD95_mm") + POOLED
         rec["metrics"] = {
             "n_test_cases": len(summary["per_case"]),
-            "per_class": {c: {k: v for k, v in m.items() if k in ("Dice", "HD95_mm", "ASD_mm", "HD95_vox", "ASD_vox",
-                                                                "n_empty_prediction", "n_valid_HD95_mm")}
-                          for c, m in mean["per_class"].items()},
+            "per_class": {c: {k: v for k, v in m.items() if k in keep} for c, m in mean["per_class"].items()},
             "mean": mean["mean_over_classes"],
             "evaluation_file": str(self.work / "evaluations" / f"{key}.json"),
         }
-        rec.update(status="ok", finished=now_iso())
         d = mean["mean_over_classes"]["Dice"]
         self.say(f"  {rec['key']}: mean Dice {fmt_num(d, 100)} %, HD95 {fmt_num(mean['mean_over_classes']['HD95_mm'])} "
                  f"mm, train {fmt_s(rec.get('train_wall_s'))}, peak RSS {fmt_mb(rec.get('train_peak_rss_tree_mb'))}")
@@ -958,6 +963,37 @@ class SSLBenchmark:
         rec["train_stats"] = stats
         return self.predict_and_evaluate(rec, str(sid), student, env)
 
+    def reevaluate(self, runs: List[dict], env: Dict[str, str]) -> int:
+        """Score the saved test predictions of finished runs again, without training (after a change to the
+        evaluation). A row is only replaced when the new Dice equals the recorded one, so predictions from another
+        work folder, seed or plan cannot silently overwrite a result."""
+        data = self.load()
+        failures = 0
+        for r in runs:
+            key = r["key"]
+            old = data["runs"].get(key)
+            pred = self.work / "predictions" / key.replace("@", "_at_")
+            if not old or old.get("status") != "ok":
+                self.say(f"skip {key}: no finished run in {self.results_json.name}")
+                continue
+            if not pred.is_dir():
+                self.say(f"skip {key}: its predictions are not in {pred}")
+                continue
+            self.say(f"re-evaluating {key} from {pred}")
+            rec = self.evaluate(dict(old), pred, env)
+            was, now = old["metrics"]["mean"]["Dice"], rec["metrics"]["mean"]["Dice"]
+            if not math.isclose(was, now, rel_tol=0, abs_tol=1e-9):
+                self.say(f"  NOT updated: mean Dice {100 * now:.4f} % differs from the recorded {100 * was:.4f} %, so "
+                         f"{pred} does not hold this row's predictions (other --work, --seed or plans?)")
+                failures += 1
+                continue
+            rec["reevaluated"] = now_iso()
+            data = self.load()
+            data["runs"][key] = rec
+            self.save(data)
+        self.say(f"done; results in {self.results_json} and {self.results_md}")
+        return 1 if failures else 0
+
     # ------------------------------------------------------------------ results
     def load(self) -> dict:
         if self.results_json.is_file():
@@ -979,6 +1015,12 @@ class SSLBenchmark:
                 st = data["runs"].get(r["key"], {}).get("status", "not run")
                 print(f"{r['key']:<40} {r['role']:<32} {st}")
             return 0
+        if args.reevaluate:
+            if not (self.raw(0) / "labelsTs").is_dir():
+                print(f"{self.spec.name}: error: --reevaluate needs the prepared work folder {self.work}, which has no "
+                      f"test labels; run the benchmark (or --prepare-only) first", file=sys.stderr, flush=True)
+                return 2
+            return self.reevaluate(runs, nnunet_env(self.work, self.device, [str(self.ext)]))
         if source is None:
             where = args.data or os.environ.get("NNUNET_SSL_DATA") or str(REPO.parent / "shared" / "data")
             print(f"SKIP {self.spec.name}: real data not found ({self.spec.data_subfolder} under {where}); set "
@@ -1094,6 +1136,9 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--prepare-only", action="store_true",
                    help="convert, plan and preprocess (idempotent), train nothing")
     p.add_argument("--render-only", action="store_true", help="only regenerate the Markdown from the JSON")
+    p.add_argument("--reevaluate", action="store_true",
+                   help="score the saved test predictions of the finished runs (--trainers, default all) again and "
+                        "update their metrics; trains and predicts nothing")
     return p
 
 
@@ -1255,6 +1300,19 @@ def render_markdown(spec: Spec, data: dict) -> str:
         cells = [f"{fmt_num(per[c].get('HD95_mm'))} ({fmt_num(per[c].get('HD95_vox'))})" for c in classes] + \
                 [f"{fmt_num(per[c].get('ASD_mm'), nd=2)} ({fmt_num(per[c].get('ASD_vox'), nd=2)})" for c in classes]
         lines.append(f"| `{k}` | " + " | ".join(cells) + " |")
+    # how the Dice is lost: over- or under-segmentation
+    rows = [k for k in _row_order(runs)
+            if any("volume_ratio" in m for m in ((runs[k].get("metrics") or {}).get("per_class") or {}).values())]
+    if rows:
+        lines += ["", "Predicted / true volume, precision and recall per class (voxels pooled over the test volumes; "
+                      "volume > 1 with low precision is over-segmentation, < 1 with low recall under-segmentation):",
+                  "", "| run | " + " | ".join(f"{c} volume / precision / recall" for c in classes) + " |",
+                  "|" + "---|" * (len(classes) + 1)]
+        for k in rows:
+            per = runs[k]["metrics"]["per_class"]
+            lines.append(f"| `{k}` | " + " | ".join(
+                " / ".join(fmt_num(per[c].get(m), nd=2) for m in ("volume_ratio", "precision", "recall"))
+                for c in classes) + " |")
     lines += ["", "Timing per run (training loop: first to last epoch, without start-up" +
               (" and final validation" if s.get("final_validation") else "") + "):", "",
               "| run | training loop | s / epoch | train wall | predict wall | peak RAM (tree) | max RSS (one process) "

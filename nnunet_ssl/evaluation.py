@@ -32,6 +32,16 @@ reference empty only        0.0        NaN              ``n_empty_reference``
 
 Means skip NaN; the counts say how many cases a mean rests on (``n_valid_<metric>``). In the JSON file NaN is
 written as ``null``.
+
+Voxel counts pooled over all cases, per class (they tell *how* a Dice is lost: a model that over-segments has a
+volume ratio above 1 and low precision, one that under-segments a ratio below 1 and low recall):
+
+- ``volume_ratio`` = sum of predicted voxels / sum of reference voxels,
+- ``precision`` = sum of true-positive voxels / sum of predicted voxels,
+- ``recall`` = sum of true-positive voxels / sum of reference voxels,
+
+NaN where the denominator is 0. Pooling weights each case by its size, like the volume a clinician reads off;
+per-case ratios are in ``per_case`` (``n_pred``, ``n_ref``, ``n_tp``).
 """
 from __future__ import annotations
 
@@ -48,6 +58,7 @@ from scipy import ndimage
 
 LabelSpec = Union[int, Tuple[int, ...]]
 METRICS = ("Dice", "HD95_mm", "ASD_mm", "HD95_vox", "ASD_vox")
+POOLED = ("volume_ratio", "precision", "recall")
 KNOWN_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha", ".gipl", ".tiff", ".tif", ".png", ".bmp")
 
 
@@ -159,8 +170,9 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, labels: Mapping[
         spacing: voxel size per array axis (mm); None gives mm columns equal to the voxel ones.
 
     Returns:
-        class name -> {Dice, HD95_mm, ASD_mm, HD95_vox, ASD_vox, n_pred, n_ref, empty}, ``empty`` one of
-        ``none``, ``prediction``, ``reference``, ``both``.
+        class name -> {Dice, HD95_mm, ASD_mm, HD95_vox, ASD_vox, n_pred, n_ref, n_tp, empty}: voxel counts of the
+        prediction, the reference and their overlap; ``empty`` one of ``none``, ``prediction``, ``reference``,
+        ``both``.
     """
     if prediction.shape != reference.shape:
         raise EvaluationError(f"shape mismatch: prediction {prediction.shape} vs reference {reference.shape}")
@@ -168,7 +180,7 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, labels: Mapping[
     for name, label in labels.items():
         p, r = _mask(prediction, label), _mask(reference, label)
         n_p, n_r = int(p.sum()), int(r.sum())
-        m = {"Dice": dice(p, r), "n_pred": n_p, "n_ref": n_r,
+        m = {"Dice": dice(p, r), "n_pred": n_p, "n_ref": n_r, "n_tp": int(np.count_nonzero(p & r)),
              "empty": "both" if n_p == n_r == 0 else "prediction" if n_p == 0 else "reference" if n_r == 0 else "none"}
         if n_p and n_r:
             for unit, sp in (("mm", spacing), ("vox", None)):
@@ -177,12 +189,17 @@ def case_metrics(prediction: np.ndarray, reference: np.ndarray, labels: Mapping[
                 m[f"ASD_{unit}"] = float(d_ab.mean())
         else:
             m.update({k: float("nan") for k in METRICS[1:]})
-        out[name] = {k: m[k] for k in METRICS + ("n_pred", "n_ref", "empty")}
+        out[name] = {k: m[k] for k in METRICS + ("n_pred", "n_ref", "n_tp", "empty")}
     return out
 
 
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
 def summarize(per_case: Sequence[Mapping], labels: Mapping[str, LabelSpec]) -> Dict[str, dict]:
-    """Mean (over cases, NaN skipped) of every metric per class, the counts, and the mean over classes."""
+    """Mean (over cases, NaN skipped) of every metric per class, the counts, the pooled voxel ratios
+    (``volume_ratio``, ``precision``, ``recall``; see the module docstring) and the mean over classes."""
     mean: Dict[str, dict] = {}
     for name in labels:
         rows = [c["metrics"][name] for c in per_case]
@@ -195,6 +212,9 @@ def summarize(per_case: Sequence[Mapping], labels: Mapping[str, LabelSpec]) -> D
         entry["n_cases"] = len(rows)
         for e in ("prediction", "reference", "both"):
             entry[f"n_empty_{e}" if e != "both" else "n_both_empty"] = sum(r["empty"] == e for r in rows)
+        n_pred, n_ref, n_tp = (sum(r[k] for r in rows) for k in ("n_pred", "n_ref", "n_tp"))
+        entry.update(n_pred=n_pred, n_ref=n_ref, n_tp=n_tp, volume_ratio=_ratio(n_pred, n_ref),
+                     precision=_ratio(n_tp, n_pred), recall=_ratio(n_tp, n_ref))
         mean[name] = entry
     over_classes = {}
     for k in METRICS:
@@ -383,16 +403,20 @@ def _fmt(v: float, scale: float = 1.0) -> str:
 
 def format_table(summary: dict, per_case: bool = False) -> str:
     """Plain-text table of the mean metrics per class (Dice in %, distances in mm and voxels)."""
-    head = f"{'class':<16}{'n':>4} {'Dice%':>6} {'HD95mm':>7} {'ASDmm':>6} {'HD95vx':>7} {'ASDvx':>6}  empty p/r/both"
+    head = f"{'class':<16}{'n':>4} {'Dice%':>6} {'HD95mm':>7} {'ASDmm':>6} {'HD95vx':>7} {'ASDvx':>6} " \
+           f"{'vol':>6} {'prec':>6} {'recall':>6}  empty p/r/both"
     lines = [head, "-" * len(head)]
     per_class = summary["mean"]["per_class"]
     for name, m in per_class.items():
         lines.append(f"{name[:16]:<16}{m['n_cases']:>4} {_fmt(m['Dice'], 100)} {_fmt(m['HD95_mm']):>7} "
-                     f"{_fmt(m['ASD_mm'])} {_fmt(m['HD95_vox']):>7} {_fmt(m['ASD_vox'])}  "
+                     f"{_fmt(m['ASD_mm'])} {_fmt(m['HD95_vox']):>7} {_fmt(m['ASD_vox'])} "
+                     f"{_fmt(m['volume_ratio'])} {_fmt(m['precision'])} {_fmt(m['recall'])}  "
                      f"{m['n_empty_prediction']}/{m['n_empty_reference']}/{m['n_both_empty']}")
     mo = summary["mean"]["mean_over_classes"]
     lines.append(f"{'mean (classes)':<16}{'':>4} {_fmt(mo['Dice'], 100)} {_fmt(mo['HD95_mm']):>7} "
                  f"{_fmt(mo['ASD_mm'])} {_fmt(mo['HD95_vox']):>7} {_fmt(mo['ASD_vox'])}")
+    lines.append("(vol = predicted / reference voxels, prec / recall = overlap / predicted and / reference voxels, "
+                 "pooled over cases)")
     if per_case:
         lines += ["", f"{'case':<32}{'class':<16} {'Dice%':>6} {'HD95mm':>7} {'ASDmm':>6}"]
         for c in summary["per_case"]:

@@ -116,6 +116,24 @@ def test_case_metrics_empty_conventions():
     assert s["per_class"]["a"]["n_valid_HD95_mm"] == 0 and s["mean_over_classes"]["Dice"] == 0.0
 
 
+def test_pooled_volume_ratio_precision_recall():
+    # case 1: reference 8 voxels, prediction 12 of which 4 overlap; case 2: reference 2, prediction 0 (missed)
+    r1, p1 = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    r1[0:2, 0:2, 0:2] = 1
+    p1[0:2, 0:3, 1:3] = 1
+    r2, p2 = np.zeros_like(r1), np.zeros_like(r1)
+    r2[3, 3, 2:4] = 1
+    cases = [{"metrics": E.case_metrics(p, r, {"fg": 1})} for p, r in ((p1, r1), (p2, r2))]
+    c1 = cases[0]["metrics"]["fg"]
+    assert (c1["n_pred"], c1["n_ref"], c1["n_tp"]) == (12, 8, 4)
+    m = E.summarize(cases, {"fg": 1})["per_class"]["fg"]
+    assert (m["n_pred"], m["n_ref"], m["n_tp"]) == (12, 10, 4)
+    assert m["volume_ratio"] == pytest.approx(1.2)  # pooled, not the mean of the per-case ratios (1.5 and 0)
+    assert m["precision"] == pytest.approx(4 / 12) and m["recall"] == pytest.approx(4 / 10)
+    empty = E.summarize([{"metrics": E.case_metrics(p2, p2, {"fg": 1})}], {"fg": 1})["per_class"]["fg"]
+    assert math.isnan(empty["volume_ratio"]) and math.isnan(empty["precision"]) and math.isnan(empty["recall"])
+
+
 @pytest.fixture
 def folders(tmp_path):
     sitk = pytest.importorskip("SimpleITK")
@@ -158,6 +176,10 @@ def test_evaluate_folder_values_json_and_table(folders, capsys):
     rv, lv = s["mean"]["per_class"]["RV"], s["mean"]["per_class"]["LV"]
     assert rv["Dice"] == pytest.approx(0.5) and rv["ASD_mm"] == pytest.approx(1.0) and rv["n_cases"] == 2
     assert lv["HD95_mm"] == 0.0 and lv["n_valid_HD95_mm"] == 1 and lv["n_empty_prediction"] == 1
+    # RV: 2 reference voxels, 2 predicted, 1 overlapping; LV: 8 reference voxels, 4 predicted (case b missed it)
+    assert (rv["volume_ratio"], rv["precision"], rv["recall"]) == (1.0, 0.5, 0.5)
+    assert (lv["volume_ratio"], lv["precision"], lv["recall"]) == (0.5, 1.0, 0.5)
+    assert "recall" in out and "  0.50   1.00   0.50" in out
 
 
 def test_evaluate_folder_labels_option_and_output_path(folders, tmp_path):
