@@ -85,8 +85,10 @@ class MetaSSLMixin:
             tau_momentum=self.tau_momentum, tau_max=self.tau_max, tau_skip_absent=self.tau_skip_absent,
             labeled_regions=self.labeled_regions, tau_sets=self.metassl_tau_sets)
         regions = self.metassl.regions
+        # without L_l there are no labeled regions to count (their columns would be NaN throughout)
+        kinds = [k for k in _KINDS if k != "l" or self.use_labeled_loss]
         self._metassl_counters = {kind + sfx: RegionCounter(kind, regions, sfx)
-                                  for sfx in self.metassl_directions for kind in _KINDS}
+                                  for sfx in self.metassl_directions for kind in kinds}
         self._metassl_pending: List[Tuple[str, Dict[str, torch.Tensor]]] = []
         self._metassl_keys: List[str] = []
         m = self.metassl

@@ -42,5 +42,13 @@ class nnUNetTrainerMetaSSLFixMatch(MetaSSLMixin, nnUNetTrainerFixMatch):
         return sup, l_u + l_l, metrics
 
 
+class nnUNetTrainerMetaSSLFixMatch_noLabeledLoss(nnUNetTrainerMetaSSLFixMatch):
+    """No L_l (spec section 5): nnU-Net's supervised loss alone on the labeled batch. Hypothesis under test
+    (benchmarks/README.md, LA rows): with ``figure`` regions, DC / DS are the few labeled voxels the network gets
+    wrong, and the region-mean weights (41-85 per region) give each of them hundreds of times the weight of a
+    correct voxel; the labeled fit then oscillates (nnU-Net's pseudo Dice on the training cases) on LA and ACDC."""
+    use_labeled_loss = False
+
+
 nnUNetTrainerMetaSSLFixMatch_sslTiny = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslTiny")
 nnUNetTrainerMetaSSLFixMatch_sslDemo = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslDemo")

@@ -13,7 +13,8 @@ from nnunet_ssl.algorithms.mixing import CutMix
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import DIAGNOSTICS_FILE, nnUNetTrainerMetaSSL, \
     nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_sslTiny
-from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_sslTiny
+from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_noLabeledLoss, \
+    nnUNetTrainerMetaSSLFixMatch_sslTiny
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
 
 from ..conftest import make_trainer, run_cli
@@ -264,3 +265,15 @@ def test_cli_train_and_predict(dataset3d, tmp_path):
     assert [p.name[:-len(".nii.gz")] for p in preds] == cases
     for p in preds:
         assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(p))))) <= {0, 1, 2}
+
+
+def test_no_labeled_loss_variant_trains_on_the_unlabeled_term_only(dataset3d):
+    tr = start(make_trainer(nnUNetTrainerMetaSSLFixMatch_noLabeledLoss, dataset3d, "2d", fold=4))
+    assert tr.use_labeled_loss is False
+    before = state_copy(tr.student)
+    outs = steps(tr, 2)
+    tr.on_train_epoch_end(outs)
+    assert max_abs_diff(before, state_copy(tr.student)) > 0
+    v = _last(tr)
+    assert v["metassl_L_l"] == 0 and v["metassl_L_u"] > 0
+    assert not any(k.startswith("l_") for k in v) and sum(v[f"u_frac_{r}"] for r in REGIONS) == pytest.approx(1.0)
