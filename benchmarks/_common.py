@@ -140,8 +140,9 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def nnunet_env(work: Path, device: str, extra_ext: Sequence[str] = ()) -> Dict[str, str]:
-    """Environment of every subprocess: nnU-Net folders under ``work``, trainer discovery, CPU-friendly settings.
+def nnunet_env(work: Path, device: str, extra_ext: Sequence[str] = (), results: Optional[Path] = None) -> Dict[str, str]:
+    """Environment of every subprocess: nnU-Net folders under ``work`` (``nnUNet_results`` under ``results`` if
+    given), trainer discovery, CPU-friendly settings.
 
     ``nnUNet_n_proc_DA`` (augmentation workers per loader; SSL trainers run a second loader with as many) and
     ``nnUNet_compile`` are taken from the caller's environment when set; otherwise 1 worker and no compile on a
@@ -150,9 +151,10 @@ def nnunet_env(work: Path, device: str, extra_ext: Sequence[str] = ()) -> Dict[s
     from nnunet_ssl.nnunet_ext import TRAINER_DIR
 
     env = dict(os.environ)
-    for k, sub in (("nnUNet_raw", "raw"), ("nnUNet_preprocessed", "preprocessed"), ("nnUNet_results", "results")):
-        env[k] = str(work / sub)
-        (work / sub).mkdir(parents=True, exist_ok=True)
+    for k, folder in (("nnUNet_raw", work / "raw"), ("nnUNet_preprocessed", work / "preprocessed"),
+                      ("nnUNet_results", results or work / "results")):
+        env[k] = str(folder)
+        folder.mkdir(parents=True, exist_ok=True)
     env["nnUNet_extTrainer"] = os.pathsep.join([TRAINER_DIR, *map(str, extra_ext)])
     cores = os.cpu_count() or 1
     if device == "cpu":
@@ -668,12 +670,16 @@ class SSLBenchmark:
         self.sel_tag = sel_tag
         suffix = f"_{sel_tag}" if sel_tag else ""
         self.work = Path(args.work or DEFAULT_WORK) / spec.name / f"{args.budget}{suffix}"
+        # Another training seed shares the prepared data (raw, preprocessed) but gets its own models, predictions,
+        # logs and results table, so it can neither overwrite nor be merged into the seed-0 rows.
+        seed_sub = f"seed{self.seed}" if self.seed else ""
+        self.out = self.work / seed_sub
         results_dir = Path(args.results_dir) if args.results_dir else \
-            (RESULTS_DIR / "smoke" if args.budget == "smoke" else RESULTS_DIR)
+            (RESULTS_DIR / "smoke" if args.budget == "smoke" else RESULTS_DIR) / seed_sub
         self.results_json = results_dir / f"{spec.name}_{args.budget}{suffix}.json"
         self.results_md = self.results_json.with_suffix(".md")
-        self.logs = self.work / "logs"
-        self.ext = self.work / "ext"
+        self.logs = self.out / "logs"
+        self.ext = self.out / "ext"
         self.tag = "bench" + "".join(p.capitalize() for p in args.budget.split("_"))
         self.t_start = time.time()
 
@@ -714,7 +720,7 @@ class SSLBenchmark:
 
     def model_dir(self, dataset_folder: str, variant: str) -> Path:
         """nnU-Net's model folder of ``variant`` trained on ``dataset_folder`` with this budget's configuration."""
-        return self.work / "results" / dataset_folder / f"{variant}__{PLANS}__{self.budget.configuration}"
+        return self.out / "results" / dataset_folder / f"{variant}__{PLANS}__{self.budget.configuration}"
 
     def raw(self, i: int) -> Path:
         return self.work / "raw" / self.dataset_folder_name(i)
@@ -824,7 +830,7 @@ class SSLBenchmark:
         """Predict the test images with ``variant``'s final checkpoint on dataset ``ds``; evaluate into ``rec``."""
         b = self.budget
         key = rec["key"].replace("@", "_at_")
-        pred = self.work / "predictions" / key
+        pred = self.out / "predictions" / key
         shutil.rmtree(pred, ignore_errors=True)
         self.say(f"predicting {len(list((self.raw(0) / 'imagesTs').glob('*')))} test volumes with {variant}"
                  f"{'' if b.tta else ' (no TTA)'}")
@@ -849,7 +855,7 @@ class SSLBenchmark:
 
         key = rec["key"].replace("@", "_at_")
         summary = evaluate_folder(pred, self.raw(0) / "labelsTs", dataset_json=self.raw(0) / "dataset.json",
-                                  output_file=self.work / "evaluations" / f"{key}.json",
+                                  output_file=self.out / "evaluations" / f"{key}.json",
                                   num_processes=int(env.get("nnUNet_def_n_proc", "1")))
         mean = summary["mean"]
         keep = ("Dice", "HD95_mm", "ASD_mm", "HD95_vox", "ASD_vox", "n_empty_prediction", "n_valid_HD95_mm") + POOLED
@@ -857,7 +863,7 @@ class SSLBenchmark:
             "n_test_cases": len(summary["per_case"]),
             "per_class": {c: {k: v for k, v in m.items() if k in keep} for c, m in mean["per_class"].items()},
             "mean": mean["mean_over_classes"],
-            "evaluation_file": str(self.work / "evaluations" / f"{key}.json"),
+            "evaluation_file": str(self.out / "evaluations" / f"{key}.json"),
         }
         d = mean["mean_over_classes"]["Dice"]
         self.say(f"  {rec['key']}: mean Dice {fmt_num(d, 100)} %, HD95 {fmt_num(mean['mean_over_classes']['HD95_mm'])} "
@@ -881,7 +887,7 @@ class SSLBenchmark:
             return None
         try:
             summary = evaluate_folder(labels, self.raw(1) / "labelsTr", dataset_json=self.raw(0) / "dataset.json",
-                                      output_file=self.work / "evaluations" / f"{SELFTRAIN}_pseudolabels.json",
+                                      output_file=self.out / "evaluations" / f"{SELFTRAIN}_pseudolabels.json",
                                       allow_missing=True)
         except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
             self.say(f"  (pseudo-label diagnostic skipped: {type(e).__name__}: {e})")
@@ -907,8 +913,8 @@ class SSLBenchmark:
         # a rerun starts clean: teacher model (its pseudo-labels live in its folder) and the student dataset
         teacher_dir = self.model_dir(self.dataset_folder_name(0), teacher)
         shutil.rmtree(teacher_dir, ignore_errors=True)
-        for sub in ("raw", "preprocessed", "results"):
-            for d in (self.work / sub).glob(f"Dataset{sid:03d}_*"):
+        for parent in (self.work / "raw", self.work / "preprocessed", self.out / "results"):
+            for d in parent.glob(f"Dataset{sid:03d}_*"):
                 shutil.rmtree(d)
         rec = {"key": run["key"], "trainer": f"{teacher} -> {student}", "variant": student, "role": run["role"],
                "dataset": self.dataset_folder_name(0), "started": now_iso(), "loadavg_start": loadavg(),
@@ -972,7 +978,7 @@ class SSLBenchmark:
         for r in runs:
             key = r["key"]
             old = data["runs"].get(key)
-            pred = self.work / "predictions" / key.replace("@", "_at_")
+            pred = self.out / "predictions" / key.replace("@", "_at_")
             if not old or old.get("status") != "ok":
                 self.say(f"skip {key}: no finished run in {self.results_json.name}")
                 continue
@@ -1020,7 +1026,7 @@ class SSLBenchmark:
                 print(f"{self.spec.name}: error: --reevaluate needs the prepared work folder {self.work}, which has no "
                       f"test labels; run the benchmark (or --prepare-only) first", file=sys.stderr, flush=True)
                 return 2
-            return self.reevaluate(runs, nnunet_env(self.work, self.device, [str(self.ext)]))
+            return self.reevaluate(runs, nnunet_env(self.work, self.device, [str(self.ext)], results=self.out / "results"))
         if source is None:
             where = args.data or os.environ.get("NNUNET_SSL_DATA") or str(REPO.parent / "shared" / "data")
             print(f"SKIP {self.spec.name}: real data not found ({self.spec.data_subfolder} under {where}); set "
@@ -1042,8 +1048,9 @@ class SSLBenchmark:
         half = (SELFTRAIN_TEACHER, SELFTRAIN_STUDENT) if any(r["key"] == SELFTRAIN for r in runs) else ()
         write_trainer_index(self.ext, self.tag, b.epochs, b.iterations, b.val_iterations, self.seed, bases,
                             unlabeled_batch_ratio=1.0, final_validation=args.final_validation, half_bases=half)
-        env = nnunet_env(self.work, self.device, [str(self.ext)])
-        self.say(f"work folder {self.work}; results {self.results_json}; device {self.device}; "
+        env = nnunet_env(self.work, self.device, [str(self.ext)], results=self.out / "results")
+        self.say(f"work folder {self.work}{f' (seed {self.seed}: models in {self.out})' if self.seed else ''}; results "
+                 f"{self.results_json}; device {self.device}; "
                  f"nnUNet_n_proc_DA={env.get('nnUNet_n_proc_DA', 'nnU-Net default')}")
         info = self.prepare(source, env)
         if args.prepare_only:
@@ -1092,7 +1099,7 @@ class SSLBenchmark:
                 rec = {"key": r["key"], "trainer": r["trainer"], "variant": variant, "role": r["role"],
                        "status": "error", "error": f"{type(e).__name__}: {e}"}
                 self.say(f"  ERROR {r['key']}: {type(e).__name__}: {e}")
-            rec.update(plans_sha256=setting["plans_sha256"], git=git_commit(), machine=machine_info(self.device),
+            rec.update(plans_sha256=setting["plans_sha256"], seed=self.seed, git=git_commit(), machine=machine_info(self.device),
                        total_iterations=b.epochs * b.iterations)
             failures += rec.get("status") != "ok"
             data = self.load()
