@@ -46,7 +46,8 @@ class nnUNetTrainerMetaSSLFixMatch_noLabeledLoss(nnUNetTrainerMetaSSLFixMatch):
     """No L_l (spec section 5): nnU-Net's supervised loss alone on the labeled batch. Hypothesis under test
     (benchmarks/README.md, LA rows): with ``figure`` regions, DC / DS are the few labeled voxels the network gets
     wrong, and the region-mean weights (41-85 per region) give each of them hundreds of times the weight of a
-    correct voxel; the labeled fit then oscillates (nnU-Net's pseudo Dice on the training cases) on LA and ACDC."""
+    correct voxel; the labeled fit then oscillates (nnU-Net's pseudo Dice on the training cases) on LA and ACDC.
+    Refuted on LA: without L_l the unlabeled term's foreground runs away (see benchmarks/README.md)."""
     use_labeled_loss = False
 
 
