@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from nnunet_ssl.evaluation import nan_to_none
+from nnunet_ssl.evaluation import METRICS, POOLED, nan_to_none
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
@@ -718,6 +718,13 @@ class SSLBenchmark:
     def dataset_folder_name(self, i: int) -> str:
         return f"Dataset{self.spec.dataset_ids[i]:03d}_{self.spec.dataset_names[i]}"
 
+    def predictions_dir(self, key: str) -> Path:
+        """Where the test predictions of row ``key`` go (``@`` is not safe in file names)."""
+        return self.out / "predictions" / key.replace("@", "_at_")
+
+    def env(self) -> Dict[str, str]:
+        return nnunet_env(self.work, self.device, [str(self.ext)], results=self.out / "results")
+
     def model_dir(self, dataset_folder: str, variant: str) -> Path:
         """nnU-Net's model folder of ``variant`` trained on ``dataset_folder`` with this budget's configuration."""
         return self.out / "results" / dataset_folder / f"{variant}__{PLANS}__{self.budget.configuration}"
@@ -829,8 +836,7 @@ class SSLBenchmark:
     def predict_and_evaluate(self, rec: dict, ds: str, variant: str, env: Dict[str, str]) -> dict:
         """Predict the test images with ``variant``'s final checkpoint on dataset ``ds``; evaluate into ``rec``."""
         b = self.budget
-        key = rec["key"].replace("@", "_at_")
-        pred = self.out / "predictions" / key
+        pred = self.predictions_dir(rec["key"])
         shutil.rmtree(pred, ignore_errors=True)
         self.say(f"predicting {len(list((self.raw(0) / 'imagesTs').glob('*')))} test volumes with {variant}"
                  f"{'' if b.tta else ' (no TTA)'}")
@@ -839,7 +845,7 @@ class SSLBenchmark:
                self.device, "-npp", "1", "-nps", "1"]
         if not b.tta:
             cmd.append("--disable_tta")
-        rp = run_monitored(cmd, env, self.logs / f"predict_{key}.log")
+        rp = run_monitored(cmd, env, self.logs / f"predict_{pred.name}.log")
         rec.update({"predict_wall_s": rp.wall_s, "predict_log": rp.log})
         if rp.rc != 0:
             rec.update(status="predict_failed", error=log_tail(rp.log, 3000))
@@ -851,14 +857,14 @@ class SSLBenchmark:
 
     def evaluate(self, rec: dict, pred: Path, env: Dict[str, str]) -> dict:
         """Score the predictions in ``pred`` against the test labels into ``rec['metrics']``."""
-        from nnunet_ssl.evaluation import POOLED, evaluate_folder
+        from nnunet_ssl.evaluation import evaluate_folder
 
-        key = rec["key"].replace("@", "_at_")
+        key = pred.name
         summary = evaluate_folder(pred, self.raw(0) / "labelsTs", dataset_json=self.raw(0) / "dataset.json",
                                   output_file=self.out / "evaluations" / f"{key}.json",
                                   num_processes=int(env.get("nnUNet_def_n_proc", "1")))
         mean = summary["mean"]
-        keep = ("Dice", "HD95_mm", "ASD_mm", "HD95_vox", "ASD_vox", "n_empty_prediction", "n_valid_HD95_mm") + POOLED
+        keep = METRICS + ("n_empty_prediction", "n_valid_HD95_mm") + POOLED
         rec["metrics"] = {
             "n_test_cases": len(summary["per_case"]),
             "per_class": {c: {k: v for k, v in m.items() if k in keep} for c, m in mean["per_class"].items()},
@@ -978,7 +984,7 @@ class SSLBenchmark:
         for r in runs:
             key = r["key"]
             old = data["runs"].get(key)
-            pred = self.out / "predictions" / key.replace("@", "_at_")
+            pred = self.predictions_dir(key)
             if not old or old.get("status") != "ok":
                 self.say(f"skip {key}: no finished run in {self.results_json.name}")
                 continue
@@ -1026,7 +1032,7 @@ class SSLBenchmark:
                 print(f"{self.spec.name}: error: --reevaluate needs the prepared work folder {self.work}, which has no "
                       f"test labels; run the benchmark (or --prepare-only) first", file=sys.stderr, flush=True)
                 return 2
-            return self.reevaluate(runs, nnunet_env(self.work, self.device, [str(self.ext)], results=self.out / "results"))
+            return self.reevaluate(runs, self.env())
         if source is None:
             where = args.data or os.environ.get("NNUNET_SSL_DATA") or str(REPO.parent / "shared" / "data")
             print(f"SKIP {self.spec.name}: real data not found ({self.spec.data_subfolder} under {where}); set "
@@ -1048,7 +1054,7 @@ class SSLBenchmark:
         half = (SELFTRAIN_TEACHER, SELFTRAIN_STUDENT) if any(r["key"] == SELFTRAIN for r in runs) else ()
         write_trainer_index(self.ext, self.tag, b.epochs, b.iterations, b.val_iterations, self.seed, bases,
                             unlabeled_batch_ratio=1.0, final_validation=args.final_validation, half_bases=half)
-        env = nnunet_env(self.work, self.device, [str(self.ext)], results=self.out / "results")
+        env = self.env()
         self.say(f"work folder {self.work}{f' (seed {self.seed}: models in {self.out})' if self.seed else ''}; results "
                  f"{self.results_json}; device {self.device}; "
                  f"nnUNet_n_proc_DA={env.get('nnUNet_n_proc_DA', 'nnU-Net default')}")
@@ -1318,7 +1324,7 @@ def render_markdown(spec: Spec, data: dict) -> str:
         for k in rows:
             per = runs[k]["metrics"]["per_class"]
             lines.append(f"| `{k}` | " + " | ".join(
-                " / ".join(fmt_num(per[c].get(m), nd=2) for m in ("volume_ratio", "precision", "recall"))
+                " / ".join(fmt_num(per[c].get(m), nd=2) for m in POOLED)
                 for c in classes) + " |")
     lines += ["", "Timing per run (training loop: first to last epoch, without start-up" +
               (" and final validation" if s.get("final_validation") else "") + "):", "",
