@@ -50,7 +50,7 @@ class MetaSSLMixin:
     :meth:`metassl_losses` once per direction. The mixin owns the ``MetaSSLLoss`` (in
     ``ssl_modules["metassl"]``, so every tau set is checkpointed), sums the per-region counts of each epoch
     (committed after successful optimizer steps only, all-reduced under DDP at epoch end), logs
-    ``u_frac_R``/``u_ce_R``/``u_wterm_R``, ``l_*``, ``shadow_acc_R``/``shadow_frac_R``, ``tau_{set}_{c}``,
+    ``u_frac_R``/``u_ce_R``/``u_wterm_R``/``u_fgfrac_R``, ``u_fg_weight``, ``l_*``, ``shadow_acc_R``/``shadow_frac_R``, ``tau_{set}_{c}``,
     ``metassl_L_u``/``metassl_L_l`` and lambda, writes ``metassl_diagnostics.jsonl`` (one JSON object per
     epoch, rewritten atomically from the checkpointed log, so a resumed run never duplicates an epoch) and
     prints a one-line summary.
@@ -187,6 +187,7 @@ class MetaSSLMixin:
             head = f"[{sfx.strip('_')}] " if sfx else ""
             parts.append(head + f"L_u {last('metassl_L_u' + sfx):.4g} L_l {last('metassl_L_l' + sfx):.4g}")
             parts.append("u_frac " + " ".join(f"{r} {last(f'u_frac_{r}{sfx}'):.3f}" for r in regions))
+            parts.append(f"u_fg_weight {last('u_fg_weight' + sfx):.3g}")
             parts.append("shadow_acc " + " ".join(f"{r} {last(f'shadow_acc_{r}{sfx}'):.3f}" for r in regions))
         for name in self.metassl.sets:
             taus = " ".join(f"{last(f'tau_{name}_{c}'):.3f}" for c in range(self.metassl.num_classes))
@@ -213,6 +214,8 @@ class MetaSSLMixin:
         regions = self.metassl.regions
         for sfx in self.metassl_directions:
             groups[f"MetaSSL unlabeled region fractions{sfx}"] = [f"u_frac_{r}{sfx}" for r in regions]
+            groups[f"MetaSSL foreground share of each unlabeled region{sfx}"] = [f"u_fgfrac_{r}{sfx}"
+                                                                              for r in regions]
             groups[f"MetaSSL shadow accuracy of the reference (labeled){sfx}"] = [f"shadow_acc_{r}{sfx}"
                                                                                for r in regions]
         groups["MetaSSL losses"] = [f"metassl_L_{p}{sfx}" for sfx in self.metassl_directions for p in ("u", "l")]

@@ -414,8 +414,12 @@ def region_weighted_ce(
 
     Returns:
         ``loss``: float32 scalar. ``stats``: detached 0-dim tensors per region ``R``:
-        ``n_R`` (int64 voxel count), ``ce_R`` (float32 sum of unweighted CE over ``R``) and
-        ``wterm_R`` (float32 ``w_R * l_R``), for ``RegionCounter``.
+        ``n_R`` (int64 voxel count), ``ce_R`` (float32 sum of unweighted CE over ``R``),
+        ``wterm_R`` (float32 ``w_R * l_R``) and ``nfg_R`` (int64 count of the voxels of ``R`` whose
+        target is foreground, ``!= 0``); and ``wvox_fg`` / ``wvox_bg`` (float32 sums of the per-voxel
+        weights ``w_R / (|R| + 1)`` over foreground- / background-target voxels), for ``RegionCounter``.
+        Region means give a voxel of a small region a large weight; when small regions are mostly
+        foreground this acts as an implicit class weight, which ``wvox_*`` measure.
     """
     if logits.ndim < 3 or target.shape != logits.shape[:1] + logits.shape[2:]:
         raise ValueError(
@@ -432,15 +436,24 @@ def region_weighted_ce(
         ce = F.cross_entropy(logits.float(), target, reduction="none")
         loss = logits.new_zeros((), dtype=torch.float32)
         stats: dict[str, torch.Tensor] = {}
+        foreground = target != 0
+        wvox_fg = wvox_bg = logits.new_zeros((), dtype=torch.float32)
         for name, mask in regions.items():
             w = _weight_of(name, weights)
             ce_sum = torch.where(mask, ce, torch.zeros_like(ce)).sum()
             count = mask.sum()
-            term = w * ce_sum / (count + 1).to(torch.float32)
+            n_fg = (mask & foreground).sum()
+            per_voxel = w / (count + 1).to(torch.float32)
+            term = per_voxel * ce_sum
             loss = loss + term
             stats[f"n_{name}"] = count.detach()
             stats[f"ce_{name}"] = ce_sum.detach()
             stats[f"wterm_{name}"] = term.detach()
+            stats[f"nfg_{name}"] = n_fg
+            wvox_fg = wvox_fg + per_voxel * n_fg
+            wvox_bg = wvox_bg + per_voxel * (count - n_fg)
+        stats["wvox_fg"] = wvox_fg.detach()
+        stats["wvox_bg"] = wvox_bg.detach()
     return loss, stats
 
 
@@ -738,7 +751,10 @@ class RegionCounter:
 
     - ``"u"`` / ``"l"`` (stats of ``unlabeled_loss`` / ``labeled_loss``): ``{kind}_frac_R`` =
       sum |R| / sum |V|, ``{kind}_ce_R`` = mean unweighted CE over the voxels of ``R``,
-      ``{kind}_wterm_R`` = mean over batches of ``w_R * l_R``.
+      ``{kind}_wterm_R`` = mean over batches of ``w_R * l_R``, ``{kind}_fgfrac_R`` = share of the
+      voxels of ``R`` whose target is foreground; and ``{kind}_fg_weight`` = the mean loss weight of a
+      foreground-target voxel over that of a background-target one (1 for a plain voxel-mean CE;
+      above 1, the region means favour foreground like a class weight would).
     - ``"shadow"`` (stats of ``shadow_diagnostics``): ``shadow_acc_R`` = correct / |R| and
       ``shadow_frac_R`` = |R| / |V|.
 
@@ -758,8 +774,9 @@ class RegionCounter:
         self.kind = kind
         self.regions = tuple(regions)
         self.suffix = suffix
-        fields = ("n", "correct") if kind == "shadow" else ("n", "ce", "wterm")
-        self._fields = [f"{f}_{r}" for r in self.regions for f in fields] + ["batches"]
+        fields = ("n", "correct") if kind == "shadow" else ("n", "ce", "wterm", "nfg")
+        totals = [] if kind == "shadow" else ["wvox_fg", "wvox_bg"]
+        self._fields = [f"{f}_{r}" for r in self.regions for f in fields] + totals + ["batches"]
         self.reset()
 
     def reset(self) -> None:
@@ -803,8 +820,9 @@ class RegionCounter:
 
     def keys(self) -> list[str]:
         """The keys ``summary()`` returns, e.g. to pre-register them with nnU-Net's logger."""
-        names = ("acc", "frac") if self.kind == "shadow" else ("frac", "ce", "wterm")
-        return [f"{self.kind}_{n}_{r}{self.suffix}" for r in self.regions for n in names]
+        names = ("acc", "frac") if self.kind == "shadow" else ("frac", "ce", "wterm", "fgfrac")
+        keys = [f"{self.kind}_{n}_{r}{self.suffix}" for r in self.regions for n in names]
+        return keys if self.kind == "shadow" else keys + [f"{self.kind}_fg_weight{self.suffix}"]
 
     def summary(self) -> dict[str, float]:
         """Epoch-level ratios (see the class docstring); NaN where the denominator is 0."""
@@ -824,4 +842,11 @@ class RegionCounter:
                 out[f"{self.kind}_frac_{r}{self.suffix}"] = ratio(n, total)
                 out[f"{self.kind}_ce_{r}{self.suffix}"] = ratio(sums[f"ce_{r}"], n)
                 out[f"{self.kind}_wterm_{r}{self.suffix}"] = ratio(sums[f"wterm_{r}"], sums["batches"])
+                out[f"{self.kind}_fgfrac_{r}{self.suffix}"] = ratio(sums[f"nfg_{r}"], n)
+        if self.kind != "shadow":
+            n_fg = sum(sums[f"nfg_{r}"] for r in self.regions)
+            # NaN when either class is absent (ratio's denominator test is False for NaN)
+            mean_fg = ratio(sums["wvox_fg"], n_fg)
+            mean_bg = ratio(sums["wvox_bg"], total - n_fg)
+            out[f"{self.kind}_fg_weight{self.suffix}"] = ratio(mean_fg, mean_bg)
         return out

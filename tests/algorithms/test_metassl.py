@@ -198,6 +198,50 @@ def test_t2_loss_value_and_fg_uc_defect():
     assert stats["n_UCfg"].item() == 2 and stats["ce_UCfg"].item() == pytest.approx(0.393043, abs=TOL)
 
 
+def test_foreground_weight_diagnostics_hand_computed():
+    # pseudo-labels a1 b0 c1 d1 e0 f1; per-voxel weights w_R / (|R| + 1): UCfg {a, f} 4/3, UCbg {b} 4/2,
+    # US {c} 3/2, DC {d} 2/2, DS {e} 1/2
+    m = _loss()
+    _, stats = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False)
+    assert {r: stats[f"nfg_{r}"].item() for r in m.regions} == {"UCfg": 2, "UCbg": 0, "US": 1, "DC": 1, "DS": 0}
+    assert stats["wvox_fg"].item() == pytest.approx(2 * 4 / 3 + 3 / 2 + 1, abs=TOL)
+    assert stats["wvox_bg"].item() == pytest.approx(2 + 1 / 2, abs=TOL)
+    counter = RegionCounter("u", m.regions)
+    counter.add(stats)
+    out = counter.summary()
+    assert [out[f"u_fgfrac_{r}"] for r in m.regions] == [1.0, 0.0, 1.0, 1.0, 0.0]
+    # mean weight of a foreground voxel (5.1667 / 4) over that of a background one (2.5 / 2)
+    assert out["u_fg_weight"] == pytest.approx((5.0 + 1 / 6) / 4 / 1.25, abs=TOL)
+
+
+def test_foreground_weight_measures_the_implicit_class_weight_of_region_means():
+    # 1 foreground voxel alone in DC, 99 background voxels in UC: region means give the foreground voxel
+    # w_DC / (1 + 1) = 1 against w_UC / (99 + 1) = 0.04 for a background one, 25 times as much, although
+    # DC's region weight is half of UC's
+    m = _loss(split_uc=False)
+    ref = torch.zeros(1, 2, 10, 10)
+    ref[:, 0] = 5.0  # background, confident
+    ref[0, :, 0, 0] = torch.tensor([-5.0, 5.0])  # foreground, confident
+    sup = ref.clone()
+    sup[0, :, 0, 0] = torch.tensor([5.0, -5.0])  # the supervised net disagrees there -> DC
+    m.threshold_set("ref_u").tau.fill_(0.5)
+    _, stats = m.unlabeled_loss(sup, ref, update=False)
+    assert [stats[f"n_{r}"].item() for r in m.regions] == [99, 0, 1, 0]
+    counter = RegionCounter("u", m.regions)
+    counter.add(stats)
+    assert counter.summary()["u_fg_weight"] == pytest.approx(25.0, rel=1e-5)
+    # a plain voxel mean (everything in one region) weighs every voxel alike
+    _, same = m.unlabeled_loss(ref, ref, update=False)
+    plain = RegionCounter("u", m.regions)
+    plain.add(same)
+    assert plain.summary()["u_fg_weight"] == pytest.approx(1.0, rel=1e-5)
+    # no foreground target at all: undefined, NaN (not 0 or inf)
+    bg = RegionCounter("u", m.regions)
+    bg.add(m.unlabeled_loss(torch.zeros(1, 2, 3, 3) + torch.tensor([1.0, 0.0]).view(1, 2, 1, 1),
+                            torch.zeros(1, 2, 3, 3) + torch.tensor([1.0, 0.0]).view(1, 2, 1, 1), update=False)[1])
+    assert math.isnan(bg.summary()["u_fg_weight"])
+
+
 @pytest.mark.parametrize("three_d", [False, True])
 @pytest.mark.parametrize("batch", [1, 2, 3])
 def test_t3_t4_batch_pooling_2d_3d(batch, three_d):

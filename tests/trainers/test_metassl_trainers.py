@@ -34,6 +34,12 @@ def _check_region_diagnostics(v: dict, suffix: str = "") -> None:
         acc = v[f"shadow_acc_{r}{suffix}"]
         assert math.isnan(acc) or 0.0 <= acc <= 1.0
         assert v[f"u_wterm_{r}{suffix}"] >= 0
+        for kind in ("u", "l"):
+            share = v[f"{kind}_fgfrac_{r}{suffix}"]
+            assert math.isnan(share) or 0.0 <= share <= 1.0  # NaN: the region was empty all epoch
+    # labeled targets always hold foreground (nnU-Net oversamples it); a tiny net may predict none on unlabeled data
+    assert 0 < v[f"l_fg_weight{suffix}"] < math.inf
+    assert math.isnan(v[f"u_fg_weight{suffix}"]) or v[f"u_fg_weight{suffix}"] > 0
     assert sum(v[f"shadow_frac_{r}{suffix}"] for r in REGIONS) == pytest.approx(1.0)
     assert v[f"metassl_L_u{suffix}"] > 0 and v[f"metassl_L_l{suffix}"] > 0
 
@@ -67,11 +73,12 @@ def test_mean_teacher_epoch_logs_diagnostics_and_jsonl(dataset3d):
     assert v["lambda"] == pytest.approx(expected)
     rows = [json.loads(x) for x in open(os.path.join(tr.output_folder, DIAGNOSTICS_FILE))]
     assert len(rows) == 1 and rows[0]["epoch"] == 0
-    for key in ("u_frac_UCfg", "shadow_acc_DC", "tau_ref_u_1", "lambda", "metassl_L_u", "metassl_L_l"):
+    for key in ("u_frac_UCfg", "u_fgfrac_DC", "u_fg_weight", "l_fg_weight", "shadow_acc_DC", "tau_ref_u_1",
+                "lambda", "metassl_L_u", "metassl_L_l"):
         assert key in rows[0]
     assert rows[0]["u_frac_US"] == pytest.approx(v["u_frac_US"])
     assert os.path.getsize(os.path.join(tr.output_folder, "progress_ssl.png")) > 1000
-    assert "MetaSSL: lambda" in open(tr.log_file).read()
+    assert "MetaSSL: lambda" in open(tr.log_file).read() and "u_fg_weight" in open(tr.log_file).read()
 
 
 def test_mean_teacher_reference_is_the_teacher_on_the_same_input(dataset3d):
