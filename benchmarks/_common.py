@@ -1099,13 +1099,15 @@ class SSLBenchmark:
         for k, r in enumerate(todo, 1):
             self.say(f"run {k}/{len(todo)}: {r['key']}")
             variant = f"{r['trainer']}_{self.tag}"
+            # the training subprocess imports the trainers as they are now, not when the row is recorded
+            commit = git_commit()
             try:
                 rec = self.run_selftrain(r, env) if r["key"] == SELFTRAIN else self.run_one(r, variant, env)
             except Exception as e:  # noqa: BLE001 - record and go on with the next trainer
                 rec = {"key": r["key"], "trainer": r["trainer"], "variant": variant, "role": r["role"],
                        "status": "error", "error": f"{type(e).__name__}: {e}"}
                 self.say(f"  ERROR {r['key']}: {type(e).__name__}: {e}")
-            rec.update(plans_sha256=setting["plans_sha256"], seed=self.seed, git=git_commit(), machine=machine_info(self.device),
+            rec.update(plans_sha256=setting["plans_sha256"], seed=self.seed, git=commit, machine=machine_info(self.device),
                        total_iterations=b.epochs * b.iterations)
             failures += rec.get("status") != "ok"
             data = self.load()
