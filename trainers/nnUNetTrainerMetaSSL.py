@@ -50,10 +50,10 @@ class MetaSSLMixin:
     :meth:`metassl_losses` once per direction. The mixin owns the ``MetaSSLLoss`` (in
     ``ssl_modules["metassl"]``, so every tau set is checkpointed), sums the per-region counts of each epoch
     (committed after successful optimizer steps only, all-reduced under DDP at epoch end), logs
-    ``u_frac_R``/``u_ce_R``/``u_wterm_R``/``u_fgfrac_R``, ``u_fg_weight``, ``l_*``, ``shadow_acc_R``/``shadow_frac_R``, ``tau_{set}_{c}``,
-    ``metassl_L_u``/``metassl_L_l`` and lambda, writes ``metassl_diagnostics.jsonl`` (one JSON object per
-    epoch, rewritten atomically from the checkpointed log, so a resumed run never duplicates an epoch) and
-    prints a one-line summary.
+    ``u_frac_R``/``u_ce_R``/``u_wterm_R``/``u_fgfrac_R``, ``u_fg_weight``, ``l_*``,
+    ``shadow_acc_R``/``shadow_frac_R``, ``tau_{set}_{c}``, ``metassl_L_u``/``metassl_L_l`` and lambda, writes
+    ``metassl_diagnostics.jsonl`` (one JSON object per epoch, rewritten atomically from the checkpointed log, so a
+    resumed run never duplicates an epoch) and prints a one-line summary.
     """
 
     # weight of L_l + L_u: lambda(t) = lambda_max * exp(-5 (1 - min(t / (f T), 1))^2) (section 6)
