@@ -40,9 +40,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _common as C  # noqa: E402
 
-SUMMARY = ("u_fg_weight", "l_fg_weight")
-
-
 def find_run(work: Path, trainer: str, tag: str) -> Optional[Path]:
     hits = sorted((work / "results").glob(f"*/{trainer}_{tag}__*__*/fold_all/checkpoint_final.pth"))
     return hits[0].parent if hits else None
@@ -52,6 +49,7 @@ def probe(work: Path, trainer: str, run_dir: Path, batches: int, seed: int,
           checkpoint_of: Optional[Path] = None) -> Dict[str, float]:
     """Evaluate ``trainer``'s MetaSSL losses on ``batches`` batches with the weights of ``checkpoint_of``
     (default: ``run_dir``'s final checkpoint); return the pooled diagnostics and the final thresholds."""
+    import numpy as np
     import torch
     from batchgenerators.utilities.file_and_folder_operations import load_json
 
@@ -65,14 +63,14 @@ def probe(work: Path, trainer: str, run_dir: Path, batches: int, seed: int,
     cls = all_trainers()[trainer]
     random.seed(seed)
     torch.manual_seed(seed)
-    import numpy as np
     np.random.seed(seed)
     plans = load_json(str(pre / f"{plans_name}.json"))
     plans["continue_training"] = False  # nnUNetv2_train passes this flag inside the plans
     tr = cls(plans=plans, configuration=configuration, fold="all", dataset_json=load_json(str(pre / "dataset.json")),
              device=torch.device("cpu"))
     tr.on_train_start()
-    # a plain nnU-Net checkpoint has no SSL state: the teacher starts from its weights, tau from tau_init
+    # --at-start: a plain nnU-Net checkpoint has no SSL state, so the teacher starts from its weights and tau from
+    # tau_init, as when SSL training begins from a supervised model
     tr.load_checkpoint(str((checkpoint_of or run_dir) / "checkpoint_final.pth"))
     counters: Dict[str, RegionCounter] = {}
     with torch.no_grad():  # networks stay in training mode, as in the training steps being imitated
