@@ -21,12 +21,12 @@ threshold logging, ``metassl_diagnostics.jsonl``, plots). The pure-torch parts a
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from batchgenerators.utilities.file_and_folder_operations import join
 
-from nnunet_ssl.algorithms.metassl import MetaSSLLoss, RegionCounter
+from nnunet_ssl.algorithms.metassl import MetaSSLLoss, RegionCounter, loss_preset
 from nnunet_ssl.algorithms.perturb import clipped_gaussian_noise
 from nnunet_ssl.progress import SSLProgressLog
 from nnunet_ssl.trainers.budgets import budget_variant
@@ -64,6 +64,13 @@ class MetaSSLMixin:
     w_unlabeled: Optional[Dict[str, float]] = None
     w_labeled: Optional[Dict[str, float]] = None
     split_uc = True
+    # section 13: "split" | "released_2d" | "joint" (None: from split_uc) and "region_mean" | "voxel_mean"
+    uc_mode: Optional[str] = None
+    normalization = "region_mean"
+    # a released script's loss (LOSS_PRESETS name), or {spatial dims: name} for the scripts of each dimension; it
+    # replaces weights_preset, uc_mode, normalization and labeled_regions; metassl_overrides then apply on top
+    metassl_preset: Union[None, str, Dict[int, str]] = None
+    metassl_overrides: Optional[Dict[str, object]] = None
     # adaptive class thresholds (section 2.2)
     tau_init = 0.9
     tau_momentum = 0.5
@@ -77,13 +84,31 @@ class MetaSSLMixin:
     metassl_tau_sets: Optional[Tuple[str, ...]] = None
 
     # ------------------------------------------------------------------ modules
+    def metassl_loss_options(self) -> Dict[str, object]:
+        """The ``MetaSSLLoss`` keyword arguments of the region definition and weighting (class attributes, then
+        ``metassl_preset`` for this configuration's dimension, then ``metassl_overrides``)."""
+        options: Dict[str, object] = dict(
+            weights_preset=self.weights_preset, normalization=self.normalization, labeled_regions=self.labeled_regions,
+            **({"uc_mode": self.uc_mode} if self.uc_mode is not None else {"split_uc": self.split_uc}))
+        preset = self.metassl_preset
+        if isinstance(preset, Mapping):
+            dim = len(self.configuration_manager.patch_size)
+            if dim not in preset:
+                raise ValueError(f"{type(self).__name__}.metassl_preset has no entry for {dim}D configurations "
+                                 f"({self.configuration_name}); it covers {sorted(preset)}")
+            preset = preset[dim]
+        if preset is not None:
+            options.pop("split_uc", None)
+            options.update(loss_preset(preset))
+        options.update(self.metassl_overrides or {})
+        return options
+
     def build_method_modules(self) -> None:
         super().build_method_modules()
         self.ssl_modules["metassl"] = MetaSSLLoss(
-            self.label_manager.num_segmentation_heads, weights_preset=self.weights_preset,
-            w_unlabeled=self.w_unlabeled, w_labeled=self.w_labeled, split_uc=self.split_uc, tau_init=self.tau_init,
-            tau_momentum=self.tau_momentum, tau_max=self.tau_max, tau_skip_absent=self.tau_skip_absent,
-            labeled_regions=self.labeled_regions, tau_sets=self.metassl_tau_sets)
+            self.label_manager.num_segmentation_heads, w_unlabeled=self.w_unlabeled, w_labeled=self.w_labeled,
+            tau_init=self.tau_init, tau_momentum=self.tau_momentum, tau_max=self.tau_max,
+            tau_skip_absent=self.tau_skip_absent, tau_sets=self.metassl_tau_sets, **self.metassl_loss_options())
         regions = self.metassl.regions
         # without L_l there are no labeled regions to count (their columns would be NaN throughout)
         kinds = [k for k in _KINDS if k != "l" or self.use_labeled_loss]
@@ -93,8 +118,9 @@ class MetaSSLMixin:
         self._metassl_keys: List[str] = []
         m = self.metassl
         self.print_to_log_file(
-            f"MetaSSL: weights_preset={m.weights_preset}, w_unlabeled={m.weights_unlabeled}, "
-            f"w_labeled={m.weights_labeled}, split_uc={m.split_uc}, labeled_regions={m.labeled_regions}, "
+            f"MetaSSL: preset={self.metassl_preset}, weights_preset={m.weights_preset}, uc_mode={m.uc_mode}, "
+            f"normalization={m.normalization}, region weights unlabeled {m.region_weights_unlabeled}, labeled "
+            f"{m.region_weights_labeled}, labeled_regions={m.labeled_regions}, "
             f"use_labeled_loss={self.use_labeled_loss}, tau sets {list(m.sets)} (init {self.tau_init}, momentum "
             f"{self.tau_momentum}, tau_max {self.tau_max}, skip_absent {self.tau_skip_absent}), "
             f"lambda_max={self.lambda_max}, rampup_fraction={self.rampup_fraction}")
@@ -138,9 +164,10 @@ class MetaSSLMixin:
         self._metassl_pending.extend(pending)
         return l_u, l_l
 
-    @staticmethod
-    def metassl_step_metrics(l_u: torch.Tensor, l_l: torch.Tensor, suffix: str = "") -> Dict[str, torch.Tensor]:
-        return {f"metassl_L_u{suffix}": l_u, f"metassl_L_l{suffix}": l_l}
+    def metassl_step_metrics(self, l_u: torch.Tensor, l_l: torch.Tensor, suffix: str = "") -> Dict[str, torch.Tensor]:
+        # lambda * L_l per step: lambda varies within an epoch, so the epoch ratio needs the per-step product
+        return {f"metassl_L_u{suffix}": l_u, f"metassl_L_l{suffix}": l_l,
+                f"metassl_lamL_l{suffix}": self.unsup_weight() * l_l.detach()}
 
     # ------------------------------------------------------------------ epoch bookkeeping
     def train_step(self, batch: dict) -> dict:
@@ -167,6 +194,11 @@ class MetaSSLMixin:
             counter.all_reduce(self.device)  # a collective: every rank finalizes every epoch
             metassl.update(counter.summary())
         metassl.update(self.metassl.threshold_diagnostics())
+        # spec section 13.3: how much of the step L_l takes. nnU-Net's loss is CE - soft Dice; + 1 per network
+        # makes it CE + (1 - soft Dice) >= 0, so the ratio neither changes sign nor explodes near L_sup = 0
+        lam_l = sum(out.get(f"metassl_lamL_l{sfx}", 0.0) for sfx in self.metassl_directions)
+        shifted_sup = out.get("sup_loss", float("nan")) + len(self.metassl_directions)
+        metassl["metassl_lamLl_over_sup"] = lam_l / shifted_sup if shifted_sup > 0 else float("nan")
         out.update(metassl)
         self._metassl_keys = sorted(set(metassl) | {k for k in out if k.startswith("metassl_")} | {"lambda"})
         return out
@@ -189,6 +221,7 @@ class MetaSSLMixin:
             parts.append("u_frac " + " ".join(f"{r} {last(f'u_frac_{r}{sfx}'):.3f}" for r in regions))
             parts.append(f"u_fg_weight {last('u_fg_weight' + sfx):.3g}")
             parts.append("shadow_acc " + " ".join(f"{r} {last(f'shadow_acc_{r}{sfx}'):.3f}" for r in regions))
+        parts.append(f"lambda*L_l/(L_sup+1) {last('metassl_lamLl_over_sup'):.3g}")
         for name in self.metassl.sets:
             taus = " ".join(f"{last(f'tau_{name}_{c}'):.3f}" for c in range(self.metassl.num_classes))
             parts.append(f"tau_{name} ({taus})")
@@ -219,6 +252,7 @@ class MetaSSLMixin:
             groups[f"MetaSSL shadow accuracy of the reference (labeled){sfx}"] = [f"shadow_acc_{r}{sfx}"
                                                                                for r in regions]
         groups["MetaSSL losses"] = [f"metassl_L_{p}{sfx}" for sfx in self.metassl_directions for p in ("u", "l")]
+        groups["lambda L_l / (L_sup + 1)"] = ["metassl_lamLl_over_sup"]
         groups["MetaSSL thresholds"] = [f"tau_{name}_{c}" for name in self.metassl.sets
                                         for c in range(self.metassl.num_classes)]
         return groups
@@ -244,7 +278,20 @@ class nnUNetTrainerMetaSSL(MetaSSLMixin, nnUNetTrainerMeanTeacher):
 
 # ---------------------------------------------------------------------------------------------- variants
 class nnUNetTrainerMetaSSL_released3d(nnUNetTrainerMetaSSL):
-    weights_preset = "released_3d"
+    """The released MT-3D script's loss in any dimension (3D weights, UC split, region means)."""
+    metassl_preset = "released_3d"
+
+
+class nnUNetTrainerMetaSSL_released(nnUNetTrainerMetaSSL):
+    """The loss the authors ran: the released MT-2D script's for 2D configurations (UC_fg weight 0, UC_bg 2 w_UC),
+    the MT-3D script's for 3D ones (spec section 13)."""
+    metassl_preset = {2: "released_mt_2d", 3: "released_3d"}
+
+
+class nnUNetTrainerMetaSSL_voxelMean(nnUNetTrainerMetaSSL_released):
+    """The released weights of the dimension, one mean over all voxels instead of one per region: a voxel weighs w_R
+    whatever its region's size, so region sizes stop acting as a foreground class weight (spec section 13)."""
+    metassl_overrides = {"uc_mode": "split", "normalization": "voxel_mean"}
 
 
 class nnUNetTrainerMetaSSL_uniform(nnUNetTrainerMetaSSL):

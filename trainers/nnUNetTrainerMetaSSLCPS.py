@@ -43,5 +43,16 @@ class nnUNetTrainerMetaSSLCPS(MetaSSLMixin, nnUNetTrainerCPS):
         return groups
 
 
+class nnUNetTrainerMetaSSLCPS_released(nnUNetTrainerMetaSSLCPS):
+    """The loss the authors ran: the released CPS-2D script's for 2D configurations (exp weights, UC_fg weight 0,
+    UC_bg 2 w_UC), the CPS-3D script's for 3D ones (spec section 13)."""
+    metassl_preset = {2: "released_cps_2d", 3: "released_3d"}
+
+
+class nnUNetTrainerMetaSSLCPS_voxelMean(nnUNetTrainerMetaSSLCPS_released):
+    """The released weights of the dimension with one mean over all voxels instead of one per region."""
+    metassl_overrides = {"uc_mode": "split", "normalization": "voxel_mean"}
+
+
 nnUNetTrainerMetaSSLCPS_sslTiny = budget_variant(nnUNetTrainerMetaSSLCPS, "sslTiny")
 nnUNetTrainerMetaSSLCPS_sslDemo = budget_variant(nnUNetTrainerMetaSSLCPS, "sslDemo")

@@ -51,5 +51,15 @@ class nnUNetTrainerMetaSSLFixMatch_noLabeledLoss(nnUNetTrainerMetaSSLFixMatch):
     use_labeled_loss = False
 
 
+class nnUNetTrainerMetaSSLFixMatch_released2dUC(nnUNetTrainerMetaSSLFixMatch):
+    """The released 2D scripts' UC masks (UC_fg weight 0, UC_bg 2 w_UC); no MetaSSL-FixMatch script was released."""
+    uc_mode = "released_2d"
+
+
+class nnUNetTrainerMetaSSLFixMatch_voxelMean(nnUNetTrainerMetaSSLFixMatch):
+    """One mean over all voxels instead of one per region: region sizes stop acting as class weights."""
+    normalization = "voxel_mean"
+
+
 nnUNetTrainerMetaSSLFixMatch_sslTiny = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslTiny")
 nnUNetTrainerMetaSSLFixMatch_sslDemo = budget_variant(nnUNetTrainerMetaSSLFixMatch, "sslDemo")

@@ -20,14 +20,18 @@ Public API (what the trainers call):
   generating formulas; the released labeled power formula is ``power_weights(w, r_l, 1.0)``.
 - ``resolve_weights(preset="paper", w_unlabeled=None, w_labeled=None) -> (dict, dict)``.
 - ``metassl_lambda(t, total, lambda_max=0.1, rampup_fraction=0.6) -> float``: lambda(t) (section 6).
-- ``region_names(split_uc=True) -> tuple[str, ...]``.
+- ``region_names(split_uc=True) -> tuple[str, ...]``; ``UC_MODES``, ``NORMALIZATIONS``.
+- ``region_weights(weights, uc_mode) -> dict``: per-region weights (``released_2d``: UCfg 0, UCbg 2 w_UC).
+- ``LOSS_PRESETS[name]`` / ``loss_preset(name) -> dict`` of ``MetaSSLLoss`` keyword arguments that reproduce a
+  released script's effective loss: ``released_mt_2d``, ``released_cps_2d``, ``released_3d`` (section 13).
 - ``softmax_stats(logits) -> (probs, argmax, maxprob)``, float32, autocast off.
 - ``ClassThresholds(num_classes, init=0.9, momentum=0.5, skip_absent=True, tau_max=None)``:
   one tau set; ``update(pred, conf, valid=None)``, ``update_from_logits(logits, valid=None)``,
   ``effective() -> (C,)``.
 - ``quadripartition(pred_a, pred_b, conf, conf_pred, tau, valid=None, split_uc=True) -> dict[str, mask]``.
-- ``region_weighted_ce(logits, target, regions, weights) -> (loss, stats)``.
-- ``MetaSSLLoss(num_classes, weights_preset="paper", ..., tau_sets=None)`` (an ``nn.Module`` whose
+- ``region_weighted_ce(logits, target, regions, weights, normalization="region_mean") -> (loss, stats)``.
+- ``MetaSSLLoss(num_classes, weights_preset="paper", ..., uc_mode=None, normalization="region_mean",
+  tau_sets=None)`` (an ``nn.Module`` whose
   state_dict holds every tau set): ``unlabeled_loss(sup_logits, ref_logits, tau_set="ref_u",
   update=True, valid=None)``, ``labeled_loss(sup_logits, ref_logits, target, ignore_label=None,
   sup_set="sup_l", ref_set="ref_l", update=True)``, ``shadow_diagnostics(sup_logits, ref_logits,
@@ -64,6 +68,13 @@ WEIGHT_KEYS: tuple[str, ...] = ("UC", "US", "DC", "DS")
 REGIONS_SPLIT: tuple[str, ...] = ("UCfg", "UCbg", "US", "DC", "DS")
 REGIONS_NO_SPLIT: tuple[str, ...] = ("UC", "US", "DC", "DS")
 LABELED_REGION_VARIANTS: tuple[str, ...] = ("released", "figure")
+# How confidently agreed voxels (UC) are weighted (section 13): "split" = UC_fg and UC_bg two regions, both w_UC
+# (the 3D scripts); "released_2d" = UC_fg weight 0, UC_bg 2 w_UC (the 2D scripts, whose foreground mask equals the
+# background one); "joint" = one UC region.
+UC_MODES: tuple[str, ...] = ("split", "released_2d", "joint")
+# "region_mean": each region's CE averaged on its own (section 3); "voxel_mean": one mean over all valid voxels
+# with per-voxel weight w_R, so region sizes no longer act as class weights (section 13).
+NORMALIZATIONS: tuple[str, ...] = ("region_mean", "voxel_mean")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,6 +185,54 @@ def metassl_lambda(t: float, total: float, lambda_max: float = 0.1, rampup_fract
 def region_names(split_uc: bool = True) -> tuple[str, ...]:
     """Names of the regions ``quadripartition`` returns: ``UCfg, UCbg, US, DC, DS`` or ``UC, US, DC, DS``."""
     return REGIONS_SPLIT if split_uc else REGIONS_NO_SPLIT
+
+
+def region_weights(weights: Mapping[str, float], uc_mode: str = "split") -> dict[str, float]:
+    """Per-region weights of a ``{"UC", "US", "DC", "DS"}`` weight set under ``uc_mode`` (section 13).
+
+    ``split``: ``UCfg = UCbg = w_UC``. ``released_2d``: ``UCfg = 0`` and ``UCbg = 2 w_UC``, because the
+    released 2D scripts add a "confident foreground" term whose mask is the background mask (``== 0``) to the
+    background term, so confidently agreed background is counted twice and confidently agreed foreground never.
+    ``joint``: one ``UC`` region with ``w_UC``. An explicit ``UCfg`` / ``UCbg`` entry in ``weights`` wins.
+
+    Returns:
+        ``region name -> float`` for the names of ``region_names(uc_mode != "joint")``.
+    """
+    if uc_mode not in UC_MODES:
+        raise ValueError(f"unknown uc_mode {uc_mode!r}; valid values are {list(UC_MODES)}")
+    out = {r: float(weights[r]) for r in ("US", "DC", "DS")}
+    w_uc = float(weights["UC"])
+    if uc_mode == "joint":
+        out["UC"] = w_uc
+    else:
+        fg, bg = (0.0, 2.0 * w_uc) if uc_mode == "released_2d" else (w_uc, w_uc)
+        out["UCfg"] = float(weights.get("UCfg", fg))
+        out["UCbg"] = float(weights.get("UCbg", bg))
+    return out
+
+
+# Keyword arguments of ``MetaSSLLoss`` that reproduce each released script's effective loss (section 13): the
+# weights of its generating formula, its UC masks and its region-mean normalisation; labeled regions as every
+# released script ("released", section 5).
+LOSS_PRESETS: dict[str, dict[str, str]] = {
+    "released_mt_2d": {"weights_preset": "released_mt", "uc_mode": "released_2d", "normalization": "region_mean",
+                       "labeled_regions": "released"},
+    "released_cps_2d": {"weights_preset": "paper", "uc_mode": "released_2d", "normalization": "region_mean",
+                        "labeled_regions": "released"},
+    "released_3d": {"weights_preset": "released_3d", "uc_mode": "split", "normalization": "region_mean",
+                    "labeled_regions": "released"},
+}
+
+
+def loss_preset(name: str) -> dict[str, str]:
+    """A fresh copy of ``LOSS_PRESETS[name]`` (``MetaSSLLoss`` keyword arguments).
+
+    Raises:
+        ValueError: unknown name; the message lists the valid ones.
+    """
+    if name not in LOSS_PRESETS:
+        raise ValueError(f"unknown MetaSSL loss preset {name!r}; valid presets are {list(LOSS_PRESETS)}")
+    return dict(LOSS_PRESETS[name])
 
 
 def _weight_of(region: str, weights: Mapping[str, float]) -> float:
@@ -398,11 +457,15 @@ def region_weighted_ce(
     target: torch.Tensor,
     regions: Mapping[str, torch.Tensor],
     weights: Mapping[str, float],
+    normalization: str = "region_mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Sum over regions of ``w_R * sum_{i in R} CE_i / (|R| + 1)`` (section 3).
+    """Sum over regions of ``w_R * sum_{i in R} CE_i / (|R| + 1)`` (section 3), or of ``/ (|V| + 1)``.
 
-    CE is computed once per voxel in float32 (autocast off), without class weights or smoothing. It is
-    a sum of region means, so a small region weighs as much as a large one; an empty region adds 0.
+    CE is computed once per voxel in float32 (autocast off), without class weights or smoothing. With
+    ``region_mean`` it is a sum of region means, so a small region weighs as much as a large one; an empty
+    region adds 0. With ``voxel_mean`` every region shares the denominator ``|V| + 1`` (``V`` = the union of
+    the regions), so a voxel weighs ``w_R / (|V| + 1)`` whatever the size of its region; the ``+ 1`` makes a
+    batch that is one region give exactly the ``region_mean`` value (section 13).
     Voxels outside every region (ignore, invalid) have their target replaced by 0 before the gather and
     are then masked out, so an ignore value is never used as an index.
 
@@ -410,14 +473,17 @@ def region_weighted_ce(
         logits: ``(B, C, *spatial)``, any floating dtype; the only tensor that receives gradient.
         target: ``(B, *spatial)`` integer hard labels (pseudo-label or ground truth); detached.
         regions: name -> ``(B, *spatial)`` bool mask, disjoint (from ``quadripartition``).
-        weights: ``{"UC", "US", "DC", "DS"} -> float``; ``UCfg``/``UCbg`` use ``"UC"``.
+        weights: ``{"UC", "US", "DC", "DS"} -> float``; ``UCfg``/``UCbg`` use ``"UC"`` unless keyed
+            themselves (``region_weights`` gives every region its own key).
+        normalization: ``"region_mean"`` or ``"voxel_mean"``.
 
     Returns:
         ``loss``: float32 scalar. ``stats``: detached 0-dim tensors per region ``R``:
         ``n_R`` (int64 voxel count), ``ce_R`` (float32 sum of unweighted CE over ``R``),
         ``wterm_R`` (float32 ``w_R * l_R``) and ``nfg_R`` (int64 count of the voxels of ``R`` whose
         target is foreground, ``!= 0``); and ``wvox_fg`` / ``wvox_bg`` (float32 sums of the per-voxel
-        weights ``w_R / (|R| + 1)`` over foreground- / background-target voxels), for ``RegionCounter``.
+        weights ``w_R / (|R| + 1)``, or ``w_R / (|V| + 1)``, over foreground- / background-target voxels), for
+        ``RegionCounter``.
         Region means give a voxel of a small region a large weight; when small regions are mostly
         foreground this acts as an implicit class weight, which ``wvox_*`` measure.
     """
@@ -426,12 +492,15 @@ def region_weighted_ce(
             f"logits must be (B, C, *spatial) and target (B, *spatial); got {tuple(logits.shape)} "
             f"and {tuple(target.shape)}"
         )
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}; valid values are {list(NORMALIZATIONS)}")
     target = target.detach().long()
     covered = None
     for mask in regions.values():
         covered = mask if covered is None else covered | mask
     if covered is not None:
         target = torch.where(covered, target, torch.zeros_like(target))
+    n_valid = covered.sum() if covered is not None else target.new_zeros(())
     with torch.autocast(device_type=logits.device.type, enabled=False):
         ce = F.cross_entropy(logits.float(), target, reduction="none")
         loss = logits.new_zeros((), dtype=torch.float32)
@@ -443,7 +512,8 @@ def region_weighted_ce(
             ce_sum = torch.where(mask, ce, torch.zeros_like(ce)).sum()
             count = mask.sum()
             n_fg = (mask & foreground).sum()
-            per_voxel = w / (count + 1).to(torch.float32)
+            denominator = count if normalization == "region_mean" else n_valid
+            per_voxel = w / (denominator + 1).to(torch.float32)
             term = per_voxel * ce_sum
             loss = loss + term
             stats[f"n_{name}"] = count.detach()
@@ -496,12 +566,19 @@ class MetaSSLLoss(torch.nn.Module):
         num_classes: ``C`` (segmentation heads, background included).
         weights_preset: ``paper`` (default), ``released_mt``, ``released_3d`` or ``uniform``.
         w_unlabeled, w_labeled: per-key overrides of the preset (keys ``UC, US, DC, DS``).
-        split_uc: normalise foreground and background UC separately (default, released behaviour).
+        split_uc: legacy switch: ``True`` = ``uc_mode="split"``, ``False`` = ``"joint"``; leave ``None``
+            when ``uc_mode`` is given.
         tau_init, tau_momentum, tau_max, tau_skip_absent: ``ClassThresholds`` settings of every set.
         labeled_regions: ``"released"`` (agreement of p and p~, supervised confidence vs its own
             labeled set) or ``"figure"`` (agreement of p~ and y*, reference confidence), section 5.
         tau_sets: names created eagerly; default ``("ref_u", "sup_l")`` for ``released`` and
             ``("ref_u", "ref_l")`` for ``figure``.
+        uc_mode: ``"split"`` (default), ``"released_2d"`` or ``"joint"`` (``UC_MODES``, section 13); the
+            same mode applies to the unlabeled and the labeled term, as in the released scripts.
+        normalization: ``"region_mean"`` (default, section 3) or ``"voxel_mean"`` (section 13).
+
+    ``MetaSSLLoss.from_preset(name, num_classes, **overrides)`` builds the loss of a released script
+    (``LOSS_PRESETS``).
     """
 
     def __init__(
@@ -510,15 +587,25 @@ class MetaSSLLoss(torch.nn.Module):
         weights_preset: str = "paper",
         w_unlabeled: Mapping[str, float] | None = None,
         w_labeled: Mapping[str, float] | None = None,
-        split_uc: bool = True,
+        split_uc: bool | None = None,
         tau_init: float = 0.9,
         tau_momentum: float = 0.5,
         tau_max: float | None = None,
         tau_skip_absent: bool = True,
         labeled_regions: str = "released",
         tau_sets: Iterable[str] | None = None,
+        uc_mode: str | None = None,
+        normalization: str = "region_mean",
     ) -> None:
         super().__init__()
+        if uc_mode is None:
+            uc_mode = "split" if split_uc is None or split_uc else "joint"
+        elif split_uc is not None and bool(split_uc) != (uc_mode != "joint"):
+            raise ValueError(f"split_uc={split_uc} contradicts uc_mode={uc_mode!r}; pass only uc_mode")
+        if uc_mode not in UC_MODES:
+            raise ValueError(f"unknown uc_mode {uc_mode!r}; valid values are {list(UC_MODES)}")
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f"unknown normalization {normalization!r}; valid values are {list(NORMALIZATIONS)}")
         if labeled_regions not in LABELED_REGION_VARIANTS:
             raise ValueError(
                 f"unknown labeled_regions {labeled_regions!r}; valid values are {list(LABELED_REGION_VARIANTS)}"
@@ -526,7 +613,12 @@ class MetaSSLLoss(torch.nn.Module):
         self.num_classes = int(num_classes)
         self.weights_unlabeled, self.weights_labeled = resolve_weights(weights_preset, w_unlabeled, w_labeled)
         self.weights_preset = weights_preset
-        self.split_uc = bool(split_uc)
+        self.uc_mode = uc_mode
+        self.normalization = normalization
+        self.split_uc = uc_mode != "joint"
+        # what region_weighted_ce applies, region by region (released_2d: UCfg 0, UCbg 2 w_UC)
+        self.region_weights_unlabeled = region_weights(self.weights_unlabeled, uc_mode)
+        self.region_weights_labeled = region_weights(self.weights_labeled, uc_mode)
         self.labeled_regions = labeled_regions
         self._tau_kwargs = dict(init=tau_init, momentum=tau_momentum, skip_absent=tau_skip_absent, tau_max=tau_max)
         self.sets = torch.nn.ModuleDict()
@@ -534,6 +626,11 @@ class MetaSSLLoss(torch.nn.Module):
             tau_sets = ("ref_u", "sup_l" if labeled_regions == "released" else "ref_l")
         for name in tau_sets:
             self._create_set(name)
+
+    @classmethod
+    def from_preset(cls, name: str, num_classes: int, **overrides) -> "MetaSSLLoss":
+        """The loss of a released script (``LOSS_PRESETS[name]``), with any keyword argument overridden."""
+        return cls(num_classes, **{**loss_preset(name), **overrides})
 
     @property
     def regions(self) -> tuple[str, ...]:
@@ -617,7 +714,7 @@ class MetaSSLLoss(torch.nn.Module):
             regions = quadripartition(
                 sup_pred, ref_pred, ref_conf, ref_pred, thresholds.effective(), valid, self.split_uc
             )
-        return region_weighted_ce(sup_logits, ref_pred, regions, self.weights_unlabeled)
+        return region_weighted_ce(sup_logits, ref_pred, regions, self.region_weights_unlabeled, self.normalization)
 
     def labeled_loss(
         self,
@@ -668,7 +765,7 @@ class MetaSSLLoss(torch.nn.Module):
                 regions = quadripartition(
                     target, ref_pred, ref_conf, ref_pred, thresholds.effective(), valid, self.split_uc
                 )
-        return region_weighted_ce(sup_logits, target, regions, self.weights_labeled)
+        return region_weighted_ce(sup_logits, target, regions, self.region_weights_labeled, self.normalization)
 
     @torch.no_grad()
     def shadow_diagnostics(
@@ -731,7 +828,8 @@ class MetaSSLLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"num_classes={self.num_classes}, weights_preset={self.weights_preset!r}, split_uc={self.split_uc}, "
+            f"num_classes={self.num_classes}, weights_preset={self.weights_preset!r}, uc_mode={self.uc_mode!r}, "
+            f"normalization={self.normalization!r}, "
             f"labeled_regions={self.labeled_regions!r}, w_unlabeled={self.weights_unlabeled}, "
             f"w_labeled={self.weights_labeled}"
         )

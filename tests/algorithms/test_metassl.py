@@ -669,3 +669,140 @@ def test_ddp_all_reduce_matches_single_process_union():
         assert torch.allclose(res["tau"], expected.tau, atol=1e-7)
         assert res["absent"].tolist() == [0, 0, 0]
         assert res["counts"] == {"n_UC": 3.0, "correct_UC": 1.0, "batches": 2.0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Section 13: UC modes, normalisation, released-script presets (hand-computed on the T2 / T11 example)
+# CE per voxel vs the reference argmax: a 0.287682, b 0.105361, c 0.223144, d 1.609438, e 1.386294,
+# f 0.105361; regions a UCfg, b UCbg, c US, d DC, e DS, f UCfg; weights (UC, US, DC, DS) = (4, 3, 2, 1).
+# ------------------------------------------------------------------------------------------------
+def _mode_loss(**kw) -> MetaSSLLoss:
+    m = MetaSSLLoss(2, weights_preset="uniform", w_unlabeled=W4321, w_labeled=W4321, **kw)
+    m.threshold_set("ref_u").tau.copy_(torch.tensor(TAU_REF_U))
+    return m
+
+
+def test_t2_released_2d_counts_confident_background_twice_and_foreground_never():
+    m = _mode_loss(uc_mode="released_2d")
+    assert m.regions == ("UCfg", "UCbg", "US", "DC", "DS")
+    assert m.region_weights_unlabeled == {"UCfg": 0.0, "UCbg": 8.0, "US": 3.0, "DC": 2.0, "DS": 1.0}
+    zs = _logits(SUP).requires_grad_(True)
+    loss, stats = m.unlabeled_loss(zs, _logits(REF), update=False)
+    # UCbg 8 * 0.105361 / 2 + US 3 * 0.223144 / 2 + DC 2 * 1.609438 / 2 + DS 1 * 1.386294 / 2
+    assert loss.item() == pytest.approx(3.058742, abs=TOL)
+    assert {r: stats[f"wterm_{r}"].item() for r in m.regions} == pytest.approx(
+        {"UCfg": 0.0, "UCbg": 0.421442, "US": 0.334716, "DC": 1.609438, "DS": 0.693147}, abs=TOL
+    )
+    assert stats["n_UCfg"].item() == 2  # still counted for the diagnostics
+    loss.backward()
+    # confidently agreed foreground (a, f) gets no gradient at all; b gets 8 / 2 * (p - onehot)
+    assert torch.count_nonzero(zs.grad[0, :, 0, 0]) == 0 and torch.count_nonzero(zs.grad[0, :, 1, 2]) == 0
+    assert zs.grad[0, :, 0, 1].tolist() == pytest.approx([4 * (0.9 - 1), 4 * 0.1], abs=TOL)
+
+
+@pytest.mark.parametrize("uc_mode", ["split", "joint"])
+def test_voxel_mean_divides_every_region_by_the_valid_voxel_count(uc_mode):
+    m = _mode_loss(uc_mode=uc_mode, normalization="voxel_mean")
+    zs = _logits(SUP).requires_grad_(True)
+    loss, _ = m.unlabeled_loss(zs, _logits(REF), update=False)
+    # (4 (a + b + f) + 3 c + 2 d + 1 e) / (6 + 1): UC's split does not matter when both halves weigh w_UC
+    assert loss.item() == pytest.approx(7.268218 / 7, abs=TOL)
+    loss.backward()
+    # every voxel's gradient is w_R / 7 * (p - onehot): a (UC) 4/7, c (US) 3/7
+    assert zs.grad[0, :, 0, 0].tolist() == pytest.approx([4 / 7 * 0.25, -4 / 7 * 0.25], abs=TOL)
+    assert zs.grad[0, :, 0, 2].tolist() == pytest.approx([3 / 7 * 0.2, -3 / 7 * 0.2], abs=TOL)
+
+
+def test_voxel_mean_with_released_2d_uc():
+    m = _mode_loss(uc_mode="released_2d", normalization="voxel_mean")
+    loss, _ = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False)
+    assert loss.item() == pytest.approx((8 * 0.105361 + 3 * 0.223144 + 2 * 1.609438 + 1.386294) / 7, abs=TOL)
+    assert loss.item() == pytest.approx(0.873926, abs=TOL)
+
+
+@pytest.mark.parametrize("normalization", ["region_mean", "voxel_mean"])
+def test_all_uc_batch_gives_the_same_value_in_both_normalisations(normalization):
+    # sup = ref and thresholds 0.5: every voxel is confidently agreed (one joint UC region);
+    # CE = -ln q~: 0.9, 0.8, 0.75, 0.9, 0.6, 0.9 -> sum 1.337735, times 4 / (6 + 1)
+    m = _mode_loss(uc_mode="joint", normalization=normalization)
+    m.threshold_set("ref_u").tau.fill_(0.5)
+    loss, stats = m.unlabeled_loss(_logits(REF), _logits(REF), update=False)
+    assert stats["n_UC"].item() == 6
+    assert loss.item() == pytest.approx(4 * 1.337735 / 7, abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "kw, fg_weight",
+    [
+        # region means: fg a, f 4/3, c 3/2, d 1 vs bg b 2, e 1/2 (see the test above)
+        ({}, (2 * 4 / 3 + 3 / 2 + 1) / 4 / ((2 + 1 / 2) / 2)),
+        # released 2D: a, f weigh 0; b 8/2
+        ({"uc_mode": "released_2d"}, (0 + 0 + 3 / 2 + 1) / 4 / ((4 + 1 / 2) / 2)),
+        # voxel mean: the weights w_R / 7 alone: fg (4 + 4 + 3 + 2) / 4, bg (4 + 1) / 2 -> 1.3
+        ({"normalization": "voxel_mean"}, 1.3),
+    ],
+)
+def test_foreground_weight_diagnostic_in_every_mode(kw, fg_weight):
+    m = _mode_loss(**kw)
+    _, stats = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False)
+    counter = RegionCounter("u", m.regions)
+    counter.add(stats)
+    assert counter.summary()["u_fg_weight"] == pytest.approx(fg_weight, abs=TOL)
+
+
+@pytest.mark.parametrize(
+    "kw, total",
+    [
+        # T11 regions: a US, b UCbg, c UCfg, d DS, e DS (f ignored); labeled CE vs y*: a 0.287682, b 0.105361,
+        # c 0.223144, d 0.223144, e 1.386294
+        ({"uc_mode": "released_2d"}, 8 * 0.105361 / 2 + 3 * 0.287682 / 2 + 0.0 + (0.223144 + 1.386294) / 3),
+        ({"normalization": "voxel_mean"},
+         (3 * 0.287682 + 4 * 0.105361 + 4 * 0.223144 + 0.223144 + 1.386294) / (5 + 1)),
+    ],
+)
+def test_t11_labeled_loss_in_other_modes(kw, total):
+    m = _mode_loss(labeled_regions="released", **kw)
+    m.threshold_set("sup_l").tau.copy_(torch.tensor([0.85, 0.78]))
+    loss, _ = m.labeled_loss(_logits(SUP), _logits(REF), _target(), ignore_label=IGNORE, update=False)
+    assert loss.item() == pytest.approx(total, abs=TOL)
+
+
+def test_released_script_presets():
+    from nnunet_ssl.algorithms.metassl import LOSS_PRESETS, loss_preset
+
+    assert set(LOSS_PRESETS) == {"released_mt_2d", "released_cps_2d", "released_3d"}
+    mt = MetaSSLLoss.from_preset("released_mt_2d", 2)
+    assert (mt.uc_mode, mt.normalization, mt.labeled_regions) == ("released_2d", "region_mean", "released")
+    assert mt.region_weights_unlabeled == pytest.approx({"UCfg": 0, "UCbg": 100, "US": 40, "DC": 0.2048, "DS": 6.4})
+    assert mt.region_weights_labeled == pytest.approx(
+        {"UCfg": 0, "UCbg": 100, "US": 50 / 1.4, "DC": 50 / 1.4**3, "DS": 50 / 1.4**2})
+    cps = MetaSSLLoss.from_preset("released_cps_2d", 2)
+    assert cps.region_weights_unlabeled["UCbg"] == pytest.approx(100) and cps.region_weights_unlabeled["UCfg"] == 0
+    assert cps.region_weights_labeled["UCbg"] == pytest.approx(170)
+    assert cps.region_weights_unlabeled["DS"] == pytest.approx(50 * math.exp(-(1.8**3)))
+    d3 = MetaSSLLoss.from_preset("released_3d", 2)
+    assert d3.uc_mode == "split"
+    assert d3.region_weights_labeled == pytest.approx({"UCfg": 50, "UCbg": 50, "US": 50 / 1.5, "DC": 50 / 1.5**3,
+                                                       "DS": 50 / 1.5**2})
+    # the released MT-2D loss on the T2 example: UCbg 100 b / 2 + US 40 c / 2 + DC 0.2048 d / 2 + DS 6.4 e / 2
+    mt.threshold_set("ref_u").tau.copy_(torch.tensor(TAU_REF_U))
+    loss, _ = mt.unlabeled_loss(_logits(SUP), _logits(REF), update=False)
+    assert loss.item() == pytest.approx(
+        100 * 0.105361 / 2 + 40 * 0.223144 / 2 + 0.2048 * 1.609438 / 2 + 6.4 * 1.386294 / 2, abs=1e-4)
+    # overrides win over the preset; the preset dict is a copy
+    assert MetaSSLLoss.from_preset("released_3d", 2, normalization="voxel_mean").normalization == "voxel_mean"
+    loss_preset("released_3d")["uc_mode"] = "joint"
+    assert LOSS_PRESETS["released_3d"]["uc_mode"] == "split"
+
+
+def test_mode_errors_name_the_value_and_the_choices():
+    with pytest.raises(ValueError, match=r"uc_mode 'both'.*split.*released_2d.*joint"):
+        MetaSSLLoss(2, uc_mode="both")
+    with pytest.raises(ValueError, match=r"normalization 'mean'.*region_mean.*voxel_mean"):
+        MetaSSLLoss(2, normalization="mean")
+    with pytest.raises(ValueError, match="split_uc=False contradicts uc_mode='split'"):
+        MetaSSLLoss(2, split_uc=False, uc_mode="split")
+    with pytest.raises(ValueError, match=r"loss preset 'released_mt'.*released_mt_2d"):
+        MetaSSLLoss.from_preset("released_mt", 2)
+    # the legacy switch still maps onto the modes
+    assert MetaSSLLoss(2, split_uc=False).uc_mode == "joint" and MetaSSLLoss(2).uc_mode == "split"

@@ -11,10 +11,13 @@ import torch
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.mixing import CutMix
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import DIAGNOSTICS_FILE, nnUNetTrainerMetaSSL, \
-    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_sslTiny
-from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_sslTiny
+    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_released, \
+    nnUNetTrainerMetaSSL_released3d, nnUNetTrainerMetaSSL_sslTiny, nnUNetTrainerMetaSSL_voxelMean
+from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_released, \
+    nnUNetTrainerMetaSSLCPS_sslTiny, nnUNetTrainerMetaSSLCPS_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_noLabeledLoss, \
-    nnUNetTrainerMetaSSLFixMatch_sslTiny
+    nnUNetTrainerMetaSSLFixMatch_released2dUC, nnUNetTrainerMetaSSLFixMatch_sslTiny, \
+    nnUNetTrainerMetaSSLFixMatch_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
 
 from ..conftest import make_trainer, run_cli
@@ -284,3 +287,58 @@ def test_no_labeled_loss_variant_trains_on_the_unlabeled_term_only(dataset3d):
     v = _last(tr)
     assert v["metassl_L_l"] == 0 and v["metassl_L_u"] > 0
     assert not any(k.startswith("l_") for k in v) and sum(v[f"u_frac_{r}"] for r in REGIONS) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- section 13 modes
+@pytest.mark.parametrize("cls, config, expected", [
+    (nnUNetTrainerMetaSSL_sslTiny, "2d", ("paper", "split", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_released, "2d", ("released_mt", "released_2d", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_released, "3d_fullres", ("released_3d", "split", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_released3d, "2d", ("released_3d", "split", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_voxelMean, "2d", ("released_mt", "split", "voxel_mean", "released")),
+    (nnUNetTrainerMetaSSL_voxelMean, "3d_fullres", ("released_3d", "split", "voxel_mean", "released")),
+    (nnUNetTrainerMetaSSLCPS_released, "2d", ("paper", "released_2d", "region_mean", "released")),
+    (nnUNetTrainerMetaSSLCPS_voxelMean, "3d_fullres", ("released_3d", "split", "voxel_mean", "released")),
+    (nnUNetTrainerMetaSSLFixMatch_released2dUC, "2d", ("paper", "released_2d", "region_mean", "figure")),
+    (nnUNetTrainerMetaSSLFixMatch_voxelMean, "2d", ("paper", "split", "voxel_mean", "figure")),
+])
+def test_variants_build_the_loss_of_their_mode(dataset3d, cls, config, expected):
+    tr = make_trainer(cls, dataset3d, config, fold=0)
+    tr.initialize()
+    m = tr.metassl
+    assert (m.weights_preset, m.uc_mode, m.normalization, m.labeled_regions) == expected
+    if m.uc_mode == "released_2d":
+        assert m.region_weights_unlabeled["UCfg"] == 0
+        assert m.region_weights_unlabeled["UCbg"] == 2 * m.weights_unlabeled["UC"]
+
+
+def test_a_preset_without_the_configurations_dimension_is_a_clear_error(dataset3d):
+    class OnlyTwoD(nnUNetTrainerMetaSSL):
+        metassl_preset = {2: "released_mt_2d"}
+
+    tr = make_trainer(OnlyTwoD, dataset3d, "3d_fullres", fold=0)
+    with pytest.raises(ValueError, match=r"metassl_preset has no entry for 3D configurations \(3d_fullres\)"):
+        tr.initialize()
+
+
+def test_released_2d_trainer_trains_and_logs_the_share_of_the_labeled_term(dataset3d):
+    tr = start(make_trainer(nnUNetTrainerMetaSSL_released, dataset3d, "2d", fold=4))
+    seen = []  # lambda_t * L_l(t) of every step, recomputed here
+    real = tr.compute_losses
+
+    def spy(*args):
+        out = real(*args)
+        seen.append(tr.unsup_weight() * out[2]["metassl_L_l"])
+        return out
+
+    tr.compute_losses = spy
+    before = state_copy(tr.student)
+    outs = steps(tr, 2)
+    tr.on_train_epoch_end(outs)
+    assert max_abs_diff(before, state_copy(tr.student)) > 0
+    v = _last(tr)
+    _check_region_diagnostics(v)
+    assert v["metassl_lamL_l"] == pytest.approx(np.mean(seen), rel=1e-6) and v["metassl_lamL_l"] > 0
+    # nnU-Net's loss is CE - soft Dice; + 1 makes the denominator non-negative
+    assert v["metassl_lamLl_over_sup"] == pytest.approx(v["metassl_lamL_l"] / (v["sup_loss"] + 1), rel=1e-9)
+    assert "lambda*L_l/(L_sup+1)" in open(tr.log_file).read()
