@@ -9,9 +9,19 @@ image and to the weak-view prediction (hence to the pseudo-labels and confidence
 the strong view go through one forward pass; the unsupervised loss is the CE toward the pseudo-labels of
 the voxels whose confidence reaches ``threshold`` (0.95), averaged over all unlabeled voxels.
 
+Thresholds: ``threshold_mode = "fixed"`` compares the confidence with ``threshold`` (0.95) for every class.
+``"adaptive"`` (``nnUNetTrainerFixMatch_adaptive``) compares it with a per-class threshold that follows the
+network's own confidence: ``tau_c`` is an EMA (momentum ``adaptive_momentum`` per iteration) of the mean top-1
+confidence of the unlabeled voxels predicted as ``c`` (MetaSSL's ``ClassThresholds``), capped at ``threshold``.
+With one fixed 0.95 a rare class whose confidence stays below it gets almost no pseudo-labels, while background
+passes, and the pseudo-labels drift toward background; the class mean lets roughly the more confident part of
+every class through.
+
 Logged per epoch (from counts summed over the epoch): ``mask_ratio`` (fraction of unlabeled voxels at or
-above the threshold), ``pl_frac_{c}`` (pseudo-label class histogram) and ``mask_ratio_{c}`` (fraction of
-the voxels pseudo-labelled ``c`` that pass the threshold).
+above the threshold), ``pl_frac_{c}`` (pseudo-label class histogram), ``mask_ratio_{c}`` (fraction of
+the voxels pseudo-labelled ``c`` that pass the threshold), ``conf_frac_{c}`` (share of all unlabeled voxels
+that are confidently pseudo-labelled ``c``), ``conf_fg_share`` (foreground share of the confident
+pseudo-labels) and, adaptive, ``fixmatch_tau_{c}`` (the thresholds in use at the epoch's end).
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import torch
 
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.losses.pseudo_label_ce import masked_pseudo_label_ce, pseudo_label_counts
-from nnunet_ssl.algorithms.metassl import softmax_stats
+from nnunet_ssl.algorithms.metassl import ClassThresholds, softmax_stats
 from nnunet_ssl.algorithms.mixing import ClassMix, CutMix, partner
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
@@ -34,7 +44,10 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
     use_teacher = False          # the weak view is predicted by the network itself, under no_grad
     lambda_max = 1.0             # FixMatch's lambda_u; the confidence mask replaces a ramp-up
     rampup_fraction = 0.0
-    threshold = 0.95             # confidence mask: max softmax >= threshold
+    threshold = 0.95             # confidence mask: max softmax >= threshold (the cap of the adaptive thresholds)
+    threshold_mode = "fixed"     # "fixed" or "adaptive" (per class, see the module docstring)
+    adaptive_init = 0.95         # tau_c before the first update
+    adaptive_momentum = 0.99     # EMA weight of the old tau_c, per iteration
     strong_p = 0.5               # probability of each StrongView intensity op per sample; 0 disables them
     mix: Optional[str] = "cutmix"  # "cutmix", "classmix" or None
     cutmix_area = 0.5
@@ -47,6 +60,13 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
         if self.mix not in (None, "cutmix", "classmix"):
             raise ValueError(f"{self.__class__.__name__}.mix must be 'cutmix', 'classmix' or None, got {self.mix!r}")
         self.mixer = {None: None, "cutmix": CutMix(self.cutmix_area), "classmix": ClassMix()}[self.mix]
+        if self.threshold_mode not in ("fixed", "adaptive"):
+            raise ValueError(f"{self.__class__.__name__}.threshold_mode must be 'fixed' or 'adaptive', "
+                             f"got {self.threshold_mode!r}")
+        if self.threshold_mode == "adaptive":  # in ssl_modules: checkpointed and restored with --c
+            self.ssl_modules["fm_thresholds"] = ClassThresholds(
+                self.label_manager.num_segmentation_heads, init=self.adaptive_init,
+                momentum=self.adaptive_momentum, skip_absent=True, tau_max=self.threshold)
         seed = self.strong_seed if self.strong_seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
         # every DDP rank draws its own strong views
         self.strong_generator = torch.Generator().manual_seed(seed + 7919 * self.local_rank)
@@ -81,12 +101,24 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
         return (torch.where(m, partner(strong), strong), torch.where(m, partner(weak_logits), weak_logits), mask)
 
     # ------------------------------------------------------------------ loss
+    @torch.no_grad()
+    def class_thresholds(self, weak_logits: torch.Tensor) -> torch.Tensor:
+        """``(C,)`` thresholds of this step; the adaptive ones are first updated from the unmixed weak view
+        ``(B, C, *S)``, so every unlabeled voxel counts once (pooled over DDP ranks by ``ClassThresholds``)."""
+        if self.threshold_mode == "fixed":
+            return torch.full((weak_logits.shape[1],), float(self.threshold), device=weak_logits.device)
+        thresholds = self.ssl_modules["fm_thresholds"]
+        _, pred, conf = softmax_stats(weak_logits)
+        thresholds.update(pred, conf)
+        return thresholds.effective().to(weak_logits.device)
+
     def compute_losses(self, data, target, unlabeled):
         (weak,) = self.weak_logits(unlabeled)
+        tau = self.class_thresholds(weak)
         strong, ref, _ = self.make_strong_view(unlabeled, weak)
         with torch.no_grad():
             _, pseudo, conf = softmax_stats(ref)
-            confident = conf >= self.threshold
+            confident = conf >= tau[pseudo]
         out_l, out_s = self.forward_parts(self.network, data, strong)
         sup = self.loss(out_l, target)
         unsup = masked_pseudo_label_ce(self.full_res(out_s), pseudo, confident)
@@ -103,6 +135,9 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
         counts = {k[len(_COUNT):]: v for k, v in sums.items() if k.startswith(_COUNT)}
         out = super().finalize_metrics({k: v for k, v in sums.items() if not k.startswith(_COUNT)}, steps)
         out.update(fixmatch_ratios(counts, self.label_manager.num_segmentation_heads))
+        if self.threshold_mode == "adaptive":
+            tau = self.ssl_modules["fm_thresholds"].effective().tolist()
+            out.update({f"fixmatch_tau_{c}": float(t) for c, t in enumerate(tau)})
         return out
 
     def summary_keys(self) -> Sequence[str]:
@@ -110,9 +145,14 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
 
     def plot_groups(self) -> Dict[str, List[str]]:
         c = range(self.label_manager.num_segmentation_heads)
-        return {**super().plot_groups(),
-                "confidence mask (FixMatch)": ["mask_ratio"] + [f"mask_ratio_{i}" for i in c],
-                "pseudo-label class histogram": [f"pl_frac_{i}" for i in c]}
+        groups = {**super().plot_groups(),
+                  "confidence mask (FixMatch)": ["mask_ratio"] + [f"mask_ratio_{i}" for i in c],
+                  "pseudo-label class histogram": [f"pl_frac_{i}" for i in c],
+                  "confident pseudo-labels per class (share of unlabeled voxels)": [f"conf_frac_{i}" for i in c]
+                  + ["conf_fg_share"]}
+        if self.threshold_mode == "adaptive":
+            groups["class thresholds"] = [f"fixmatch_tau_{i}" for i in c]
+        return groups
 
 
 def fixmatch_ratios(counts: Dict[str, float], num_classes: int) -> Dict[str, float]:
@@ -131,6 +171,8 @@ def fixmatch_ratios(counts: Dict[str, float], num_classes: int) -> Dict[str, flo
     for c in range(num_classes):
         out[f"pl_frac_{c}"] = ratio(counts[f"n_pl_{c}"], counts["n_vox"])
         out[f"mask_ratio_{c}"] = ratio(counts[f"n_conf_{c}"], counts[f"n_pl_{c}"])
+        out[f"conf_frac_{c}"] = ratio(counts[f"n_conf_{c}"], counts["n_vox"])
+    out["conf_fg_share"] = ratio(counts["n_conf"] - counts["n_conf_0"], counts["n_conf"])
     return out
 
 
@@ -140,6 +182,16 @@ class nnUNetTrainerFixMatch_noMix(nnUNetTrainerFixMatch):
 
 class nnUNetTrainerFixMatch_classMix(nnUNetTrainerFixMatch):
     mix = "classmix"
+
+
+class nnUNetTrainerFixMatch_adaptive(nnUNetTrainerFixMatch):
+    """FixMatch with per-class thresholds that follow the network's mean confidence per class, capped at 0.95."""
+    threshold_mode = "adaptive"
+
+
+class nnUNetTrainerFixMatch_fixed(nnUNetTrainerFixMatch):
+    """FixMatch with one fixed 0.95 threshold for every class (Sohn et al.)."""
+    threshold_mode = "fixed"
 
 
 nnUNetTrainerFixMatch_sslTiny = budget_variant(nnUNetTrainerFixMatch, "sslTiny")

@@ -125,3 +125,68 @@ def test_one_epoch_updates_network_and_logs_mask_ratio(dataset3d):
     assert (v["mask_ratio"] * n_vox) == pytest.approx(round(v["mask_ratio"] * n_vox), abs=1e-6)
     row = json.loads(open(tr.output_folder + "/ssl_progress.jsonl").read().splitlines()[0])
     assert row["mask_ratio"] == pytest.approx(v["mask_ratio"])
+
+
+# ---------------------------------------------------------------------------------------------- per-class thresholds
+def test_confident_share_per_class_and_foreground_share():
+    counts = {k: float(v) for k, v in pseudo_label_counts(LABELS, CONF >= 0.95, 3).items()}
+    r = fixmatch_ratios(counts, 3)
+    # confident voxels: class 0 {0.99}, class 1 {0.96, 0.97}, class 2 {0.95}, out of 6
+    assert [r[f"conf_frac_{c}"] for c in range(3)] == pytest.approx([1 / 6, 2 / 6, 1 / 6])
+    assert r["conf_fg_share"] == pytest.approx(3 / 4)
+
+
+def _probs_to_logits(rows):
+    # rows: per voxel the class probabilities; (1, C, 1, 1, V) logits
+    return torch.tensor(rows, dtype=torch.float64).log().T.reshape(1, len(rows[0]), 1, 1, len(rows)).float()
+
+
+def test_adaptive_thresholds_follow_the_class_mean_confidence(dataset3d):
+    from nnunet_ssl.algorithms.metassl import ClassThresholds
+    from nnunet_ssl.trainers.nnUNetTrainerFixMatch import nnUNetTrainerFixMatch_adaptive
+
+    tr = make_trainer(nnUNetTrainerFixMatch_adaptive, dataset3d, "3d_fullres", fold=2)
+    tr.initialize()
+    th = tr.ssl_modules["fm_thresholds"]
+    assert (th.momentum, th.tau_max, th.tau.tolist()) == (0.99, 0.95, pytest.approx([0.95] * 3))
+    tr.ssl_modules["fm_thresholds"] = ClassThresholds(3, init=0.95, momentum=0.5, tau_max=0.95)
+    weak = _probs_to_logits([(0.99, 0.005, 0.005), (0.97, 0.02, 0.01), (0.3, 0.6, 0.1), (0.1, 0.8, 0.1),
+                             (0.25, 0.25, 0.5)])
+    tau = tr.class_thresholds(weak)
+    # tau_c = 0.5 * 0.95 + 0.5 * s_c / (n_c + 1): class 0 (0.99 + 0.97) / 3, class 1 (0.6 + 0.8) / 3, class 2 0.5 / 2
+    expected = [0.475 + 0.5 * 1.96 / 3, 0.475 + 0.5 * 1.4 / 3, 0.475 + 0.5 * 0.25]
+    assert tau.tolist() == pytest.approx(expected, abs=1e-6)
+    # a class whose mean confidence stays above the cap is compared with the cap, never a stricter value
+    tr.ssl_modules["fm_thresholds"].tau.fill_(0.999)
+    assert tr.class_thresholds(weak).max().item() <= 0.95
+
+
+def test_adaptive_epoch_logs_thresholds_and_checkpoint_restores_them(dataset3d, tmp_path):
+    from nnunet_ssl.trainers.nnUNetTrainerFixMatch import nnUNetTrainerFixMatch_adaptive
+
+    tr = start(make_trainer(nnUNetTrainerFixMatch_adaptive, dataset3d, "3d_fullres", fold=3))
+    tr.num_iterations_per_epoch, tr.num_val_iterations_per_epoch = 2, 1
+    one_epoch(tr)
+    v = {k: s[-1] for k, s in tr.ssl_log.values.items()}
+    taus = [v[f"fixmatch_tau_{c}"] for c in range(3)]
+    assert all(0 < t <= 0.95 for t in taus)
+    assert tr.ssl_modules["fm_thresholds"].num_updates.item() == 2
+    assert sum(v[f"conf_frac_{c}"] for c in range(3)) == pytest.approx(v["mask_ratio"])
+    assert math.isnan(v["conf_fg_share"]) or 0 <= v["conf_fg_share"] <= 1
+    ckpt = tmp_path / "fm.pth"
+    tr.save_checkpoint(str(ckpt))
+    fresh = make_trainer(nnUNetTrainerFixMatch_adaptive, dataset3d, "3d_fullres", fold=3)
+    fresh.load_checkpoint(str(ckpt))
+    torch.testing.assert_close(fresh.ssl_modules["fm_thresholds"].tau, tr.ssl_modules["fm_thresholds"].tau,
+                               rtol=0, atol=0)
+    assert fresh.ssl_modules["fm_thresholds"].num_updates.item() == 2
+
+
+def test_unknown_threshold_mode_is_a_clear_error(dataset3d):
+    from nnunet_ssl.trainers.nnUNetTrainerFixMatch import nnUNetTrainerFixMatch
+
+    class Bad(nnUNetTrainerFixMatch):
+        threshold_mode = "freematch"
+
+    with pytest.raises(ValueError, match="threshold_mode must be 'fixed' or 'adaptive', got 'freematch'"):
+        make_trainer(Bad, dataset3d, "3d_fullres", fold=0).initialize()
