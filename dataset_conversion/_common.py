@@ -37,7 +37,8 @@ CHANNEL_RE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 class ConversionError(Exception):
     """Bad user input or refused operation. The message names the file or value and says what to do.
 
-    ``main`` functions turn it into ``error: <message>`` on stderr and a non-zero exit code, never a traceback.
+    ``main`` functions turn it into ``nnunet_ssl: error: <message>`` on stderr and a non-zero exit code, never a
+    traceback.
     """
 
 
@@ -46,8 +47,9 @@ class ConversionError(Exception):
 # --------------------------------------------------------------------------------------------------------------
 
 def make_parser(name: str, description: str) -> argparse.ArgumentParser:
-    return argparse.ArgumentParser(prog=f"nnunet_ssl convert {name}", description=description,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from nnunet_ssl.cli_common import Parser
+
+    return Parser(prog=f"nnunet_ssl convert {name}", description=description)
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_id: int, default_name: str) -> None:
@@ -87,12 +89,14 @@ def add_subset_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_main(run: Callable[[argparse.Namespace], None], parser: argparse.ArgumentParser,
              argv: Optional[Sequence[str]]) -> int:
-    """Parse ``argv``, call ``run(args)``; user errors become one ``error:`` line and exit code 2."""
+    """Parse ``argv``, call ``run(args)``; user errors become one ``nnunet_ssl: error:`` line and exit code 2."""
+    from nnunet_ssl.cli_common import print_error
+
     args = parser.parse_args(None if argv is None else list(argv))
     try:
         run(args)
     except ConversionError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)

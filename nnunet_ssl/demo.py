@@ -6,6 +6,11 @@
 4. ``nnUNetv2_predict`` the test cases with each, then a Dice table (per class and mean)
 
 Every step runs the literal console command a user would type, so the demo also checks the installation.
+The work folder (default ``./nnunet_ssl_demo``) is kept, so its logs and training curves can be read afterwards:
+``logs/`` (console output of every step), ``results/`` (nnU-Net's model folders with ``progress.png``,
+``progress_ssl.png`` and ``ssl_progress.jsonl``), ``predictions/``, ``raw/`` and ``preprocessed/``. A rerun
+replaces a folder an earlier demo made (it carries the marker file ``.nnunet_ssl_demo``) and refuses any other
+non-empty folder.
 """
 from __future__ import annotations
 
@@ -13,16 +18,33 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Dict, List, Optional
 
 DATASET_ID = 979
 TRAINERS = (("labeled only", "nnUNetTrainer_{budget}"), ("Mean Teacher", "nnUNetTrainerMeanTeacher_{budget}"))
+DEFAULT_FOLDER = "nnunet_ssl_demo"
+MARKER = ".nnunet_ssl_demo"
+_SUBFOLDERS = ("raw", "preprocessed", "results", "predictions", "logs")
 
 
 class DemoError(RuntimeError):
     pass
+
+
+def prepare_work_folder(work: str) -> None:
+    """Create ``work``, or empty one an earlier demo made; never touch a non-empty folder the demo did not make."""
+    if os.path.isdir(work) and os.listdir(work):
+        if not os.path.isfile(os.path.join(work, MARKER)):
+            raise DemoError(f"{work} exists and is not empty, and no earlier demo made it (no {MARKER} file): "
+                            f"choose another folder with -o, or remove it")
+        for sub in _SUBFOLDERS:  # an earlier demo's dataset 979 and models would clash with the new ones
+            shutil.rmtree(os.path.join(work, sub), ignore_errors=True)
+    elif os.path.exists(work) and not os.path.isdir(work):
+        raise DemoError(f"{work} exists and is not a folder: choose another folder with -o")
+    os.makedirs(work, exist_ok=True)
+    with open(os.path.join(work, MARKER), "w") as f:
+        f.write("made by `nnunet_ssl demo`; a rerun with this folder replaces its contents\n")
 
 
 def _run(cmd: List[str], env: Dict[str, str], log: str, what: str) -> None:
@@ -38,17 +60,22 @@ def _run(cmd: List[str], env: Dict[str, str], log: str, what: str) -> None:
         raise DemoError(f"{what} failed (exit code {rc}); full log: {log}\n{tail}")
 
 
-def run_demo(output: Optional[str] = None, configuration: str = "2d", device: Optional[str] = None,
-             keep: bool = False, budget: str = "sslDemo", n_labeled: int = 5, n_unlabeled: int = 20,
-             n_test: int = 6) -> int:
-    """Run the demo; returns 0 on success, 1 if any step failed (the error says which and where its log is)."""
+def run_demo(output: str = DEFAULT_FOLDER, configuration: str = "2d", device: Optional[str] = None,
+             budget: str = "sslDemo", n_labeled: int = 5, n_unlabeled: int = 20, n_test: int = 6) -> int:
+    """Run the demo in ``output`` (kept); 0 on success, 1 if a step failed (the error names it and its log),
+    2 if ``output`` cannot be used."""
     import torch
 
+    from nnunet_ssl.cli_common import print_error
     from nnunet_ssl.synthetic import make_synthetic_dataset
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    work = output or tempfile.mkdtemp(prefix="nnunet_ssl_demo_")
-    os.makedirs(work, exist_ok=True)
+    work = os.path.abspath(output)
+    try:
+        prepare_work_folder(work)
+    except DemoError as e:
+        print_error(str(e))
+        return 2
     logs = os.path.join(work, "logs")
     os.makedirs(logs, exist_ok=True)
     env = dict(os.environ)
@@ -64,7 +91,7 @@ def run_demo(output: Optional[str] = None, configuration: str = "2d", device: Op
     if device == "cpu":
         env.setdefault("nnUNet_compile", "0")
     t_start = time.time()
-    n_steps = 5 + 2 * len(TRAINERS)
+    n_steps = 4 + 2 * len(TRAINERS)
     step = [0]
 
     def say(msg: str) -> None:
@@ -104,18 +131,21 @@ def run_demo(output: Optional[str] = None, configuration: str = "2d", device: Op
             results[label] = (summary, t_train)
         say("Dice on the test cases")
         _print_table(results)
-        print(f"\nDemo finished in {time.time() - t_start:.0f} s. Work folder: {work}"
-              + ("" if (output or keep) else " (temporary; removed)"), flush=True)
+        print(f"\nDemo finished in {time.time() - t_start:.0f} s. Everything is kept in {work}:")
+        print(f"  {logs}{os.sep}  console output of every step")
+        for _, pattern in TRAINERS:
+            trainer = pattern.format(budget=budget)
+            fold = os.path.join(env["nnUNet_results"], os.path.basename(raw),
+                                f"{trainer}__nnUNetPlans__{configuration}", "fold_0")
+            curves = [f for f in ("progress.png", "progress_ssl.png") if os.path.isfile(os.path.join(fold, f))]
+            print(f"  {fold}{os.sep}  {trainer}: {', '.join(curves)}, training log, checkpoint")
+        print(f"  {os.path.join(work, 'predictions')}{os.sep}  test-case predictions", flush=True)
         return 0
     except Exception as e:  # one clear line for the user, the log path for the details
-        print(f"\nnnunet_ssl demo: error: {e}", file=sys.stderr, flush=True)
-        if not (output or keep):
-            print(f"(work folder kept for inspection: {work})", file=sys.stderr)
-            keep = True
+        print(file=sys.stderr)
+        print_error(f"demo: {e}")
+        print(f"(logs and what was made so far are in {work})", file=sys.stderr)
         return 1
-    finally:
-        if not (output or keep):
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def _print_table(results: Dict[str, tuple]) -> None:

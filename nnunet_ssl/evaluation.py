@@ -435,8 +435,10 @@ def _parse_label(text: str) -> LabelSpec:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="nnunet_ssl evaluate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    from nnunet_ssl.cli_common import Parser, print_error
+
+    parser = Parser(
+        prog="nnunet_ssl evaluate",
         description="Per-case and mean Dice, HD95 and ASD per class (mm and voxels), medpy definitions.")
     parser.add_argument("pred", help="folder of predicted label files")
     parser.add_argument("ref", help="folder of reference label files (e.g. nnUNet_raw/DatasetXXX/labelsTs)")
@@ -457,7 +459,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         summary = evaluate_folder(args.pred, args.ref, args.labels, args.file_ending, args.dataset_json, args.output,
                                   args.num_processes, args.allow_missing)
     except EvaluationError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print_error(str(e))
         return 2
     print(format_table(summary, per_case=args.per_case))
     print(f"\nper-case results: {summary['output_file']}")

@@ -31,6 +31,8 @@ from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
 
 
 class nnUNetTrainerCPS(nnUNetTrainerSSL):
+    """Cross Pseudo Supervision: two networks, each trained toward the other's argmax on the unlabeled images."""
+
     use_teacher = False
     lambda_max = 0.1            # SSL4MIS / MetaSSL CPS scripts: 0.1 with a sigmoid ramp-up
     rampup_fraction = 0.6
@@ -122,6 +124,8 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
 
 
 class nnUNetTrainerCPS_exportNet2(nnUNetTrainerCPS):
+    """CPS that exports (and finally validates) network 2 instead of network 1."""
+
     export_network = 2
 
 

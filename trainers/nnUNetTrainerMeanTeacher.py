@@ -14,6 +14,8 @@ from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
 
 
 class nnUNetTrainerMeanTeacher(nnUNetTrainerSSL):
+    """Mean Teacher: softmax-MSE consistency between the student (noisy input) and its EMA teacher (clean input)."""
+
     lambda_max = 0.1
     rampup_fraction = 0.6
     ema_decay = 0.99
@@ -30,10 +32,14 @@ class nnUNetTrainerMeanTeacher(nnUNetTrainerSSL):
 
 
 class nnUNetTrainerMeanTeacher_ema0999(nnUNetTrainerMeanTeacher):
+    """Mean Teacher with EMA decay 0.999 instead of 0.99: a slower, smoother teacher."""
+
     ema_decay = 0.999
 
 
 class nnUNetTrainerMeanTeacher_exportTeacher(nnUNetTrainerMeanTeacher):
+    """Mean Teacher that exports (and finally validates) the EMA teacher instead of the student."""
+
     export_teacher = True
 
 

@@ -24,11 +24,18 @@ Formats that cannot hold float voxels (nnU-Net's ``NaturalImage2DIO``: png/bmp) 
 integers in thousandths (``map_encoding: "uint16_per_mille"`` in the settings); :func:`read_map` decodes both.
 
 Resumable: each case is written into a hidden ``.partial-*`` folder and moved into place, summary last; a rerun
-skips the cases with a summary and removes stale partial folders. Only one run may write a folder at a time.
+skips the cases with a summary and removes its own stale partial folders.
+
+Parts (``-num_parts N -part_id K``, as ``nnUNetv2_predict``): part K labels the cases ``sorted(cases)[K::N]``, a
+disjoint, deterministic share, so N machines or GPUs can label one pool into one folder at the same time (the
+folder must be shared, e.g. on a network file system). Parts write identical settings and touch only their own
+cases; whichever run finds every case of the pool finished writes ``pseudolabel_summary.json``, so the folder ends
+up exactly as one run would have left it. A part that is interrupted resumes like a whole run.
 """
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import multiprocessing
 import os
@@ -268,16 +275,97 @@ def finished_cases(output_folder: str, cases: Sequence[str], file_ending: str) -
     return done
 
 
-def _checkpoint_fingerprint(model_folder: str, folds: Sequence, checkpoint: str) -> Dict[str, list]:
+def check_pseudolabel_folder(folder: str, teacher: ModelSpec, folds: Sequence, cases: Sequence[str],
+                             file_ending: str) -> dict:
+    """Pseudo-labels made elsewhere (``self-train --pseudolabels``): by this teacher, for every case, complete.
+
+    Args:
+        folder: the output folder of ``nnunet_ssl pseudolabel`` (all parts).
+        teacher, folds: the model that must have made them (same model folder, folds, checkpoint and weights).
+        cases: every case the student needs (the teacher dataset's unlabeled cases).
+        file_ending: the dataset's.
+
+    Returns:
+        The folder's settings.
+
+    Raises:
+        SelfTrainingError: naming the folder and what is missing or different, and the command that fixes it.
+    """
+    command = (f"nnunet_ssl pseudolabel -d {teacher.dataset} -c {teacher.configuration} -tr {teacher.trainer} "
+               f"-p {teacher.plans} -f {' '.join(map(str, folds))} -chk {teacher.checkpoint} -o {folder}")
+    if not os.path.isdir(folder):
+        raise SelfTrainingError(f"pseudo-label folder {folder} does not exist; make it with `{command}`")
+    settings_file = os.path.join(folder, SETTINGS_FILE)
+    if not os.path.isfile(settings_file):
+        raise SelfTrainingError(f"{folder} holds no pseudo-labels of `nnunet_ssl pseudolabel` ({SETTINGS_FILE} "
+                                f"missing); make them with `{command}`")
+    settings = load_json(settings_file)
+    made_by = {"model_folder": settings.get("model_folder"), "folds": [str(f) for f in settings.get("folds", [])],
+               "checkpoint": settings.get("checkpoint")}
+    expected = {"model_folder": teacher.model_folder, "folds": [str(f) for f in folds],
+                "checkpoint": teacher.checkpoint}
+    if made_by != expected:
+        diff = ", ".join(f"{k} {made_by[k]!r} instead of {expected[k]!r}"
+                         for k in expected if made_by[k] != expected[k])
+        raise SelfTrainingError(f"the pseudo-labels in {folder} were made by another model ({diff}); pass the "
+                                f"-tr/-p/-c/-f/-chk of the model that made them, or label again with `{command}`")
+    if settings.get("checkpoint_files") != checkpoint_fingerprint(teacher.model_folder, folds, teacher.checkpoint):
+        raise SelfTrainingError(f"the checkpoints in {teacher.model_folder} changed after the pseudo-labels in "
+                                f"{folder} were made (retrained?); label again with `{command} --overwrite`")
+    done = set(finished_cases(folder, cases, file_ending))
+    unfinished = [c for c in cases if c not in done]
+    if unfinished:
+        def missing_files(case):
+            return [os.path.relpath(p, folder) for p in case_files(folder, case, file_ending).values()
+                    if not (os.path.isfile(p) and os.path.getsize(p) > 0)]
+
+        shown = "; ".join(f"{c}: {', '.join(missing_files(c))} missing" for c in unfinished[:3])
+        more = f"; and {len(unfinished) - 3} more" if len(unfinished) > 3 else ""
+        raise SelfTrainingError(
+            f"pseudo-labels in {folder} are incomplete: {len(unfinished)} case(s) of {len(cases)} not finished "
+            f"({shown}{more}). Finish them with `{command}` (it resumes; with -num_parts N, rerun the unfinished "
+            f"parts)")
+    return settings
+
+
+def checkpoint_fingerprint(model_folder: str, folds: Sequence, checkpoint: str) -> Dict[str, list]:
+    """``fold_X/<checkpoint>`` -> ``[size, sha256]``: which weights made the pseudo-labels.
+
+    The content, not the modification time, so parts running on machines with their own copy of the model agree.
+    """
     out = {}
     for f in folds:
         p = os.path.join(model_folder, f"fold_{f}", checkpoint)
-        st = os.stat(p)
-        out[f"fold_{f}/{checkpoint}"] = [st.st_size, int(st.st_mtime)]
+        digest = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        out[f"fold_{f}/{checkpoint}"] = [os.path.getsize(p), digest.hexdigest()]
     return out
 
 
-def _prepare_output_folder(output_folder: str, settings: dict, overwrite: bool) -> None:
+def check_parts(num_parts: int, part_id: int) -> None:
+    """One clear error for part numbers ``nnUNetv2_predict`` would refuse (parts are numbered 0..N-1)."""
+    if int(num_parts) < 1:
+        raise SelfTrainingError(f"-num_parts {num_parts} must be at least 1 (1: this run labels every case)")
+    if not 0 <= int(part_id) < int(num_parts):
+        raise SelfTrainingError(f"-part_id {part_id} is not in 0..{int(num_parts) - 1}: with -num_parts {num_parts} "
+                                f"the parts are -part_id 0 to {int(num_parts) - 1}, one per machine or GPU")
+
+
+def part_cases(cases: Sequence[str], num_parts: int = 1, part_id: int = 0) -> List[str]:
+    """Part ``part_id`` of ``num_parts``: ``sorted(cases)[part_id::num_parts]``, nnUNetv2_predict's rule."""
+    check_parts(num_parts, part_id)
+    return sorted(cases)[int(part_id)::int(num_parts)]
+
+
+def _partial_case(name: str) -> str:
+    """``.partial-{case}-{8 hex}`` -> ``case`` (case names may contain '-')."""
+    return name[len(".partial-"):].rsplit("-", 1)[0]
+
+
+def _prepare_output_folder(output_folder: str, settings: dict, overwrite: bool, own_cases: Sequence[str]) -> None:
+    """Check (or write) the settings and remove stale partial folders of ``own_cases`` (other parts may be running)."""
     settings_file = os.path.join(output_folder, SETTINGS_FILE)
     if overwrite and os.path.isdir(output_folder):
         for sub in (*MAP_FOLDERS, SUMMARIES):
@@ -298,8 +386,9 @@ def _prepare_output_folder(output_folder: str, settings: dict, overwrite: bool) 
                                 f"unknown. Pass --overwrite to redo them, or choose another -o")
     for sub in (*MAP_FOLDERS, SUMMARIES):
         os.makedirs(os.path.join(output_folder, sub), exist_ok=True)
-    for f in os.listdir(output_folder):  # left behind by an interrupted run
-        if f.startswith(".partial-"):
+    own = set(own_cases)
+    for f in os.listdir(output_folder):  # left behind by an interrupted run of this part
+        if f.startswith(".partial-") and _partial_case(f) in own:
             shutil.rmtree(os.path.join(output_folder, f), ignore_errors=True)
     atomic_write_json(settings, settings_file)
 
@@ -401,8 +490,8 @@ def predict_pseudolabels(dataset, configuration: str, trainer: str = "nnUNetTrai
                          output_folder: Optional[str] = None, threshold: float = DEFAULT_THRESHOLD,
                          use_tta: bool = True, step_size: float = 0.5, device: Optional[str] = None,
                          num_processes_preprocessing: int = 2, num_processes_export: int = 2,
-                         overwrite: bool = False, verbose: bool = True) -> str:
-    """Pseudo-label every case of the dataset's ``imagesUnlabeled/`` with a trained nnU-Net model.
+                         overwrite: bool = False, verbose: bool = True, num_parts: int = 1, part_id: int = 0) -> str:
+    """Pseudo-label every case of the dataset's ``imagesUnlabeled/`` (or one part of them) with a trained nnU-Net model.
 
     Args:
         dataset: id or name; its raw ``imagesUnlabeled/`` is predicted and its results folder holds the model.
@@ -414,14 +503,16 @@ def predict_pseudolabels(dataset, configuration: str, trainer: str = "nnUNetTrai
         device: ``cuda`` / ``cpu`` / ``mps``; default cuda when available.
         num_processes_preprocessing: background preprocessing workers (0: in this process).
         num_processes_export: background resampling/writing workers (0: in this process).
-        overwrite: discard existing outputs in the folder instead of resuming.
+        overwrite: discard existing outputs in the folder instead of resuming (not with ``num_parts > 1``).
+        num_parts, part_id: label only the cases ``sorted(cases)[part_id::num_parts]`` (see the module docstring).
 
     Returns:
-        The output folder. Already finished cases are skipped (resume).
+        The output folder. Already finished cases are skipped (resume). ``pseudolabel_summary.json`` is written
+        once every case of the pool is finished (by this run or by other parts).
 
     Raises:
-        SelfTrainingError / UnlabeledDataError: bad threshold, unknown dataset, no unlabeled images, no trained
-            model or fold, or an output folder made with other settings.
+        SelfTrainingError / UnlabeledDataError: bad threshold or part numbers, unknown dataset, no unlabeled images,
+            no trained model or fold, or an output folder made with other settings.
     """
     import torch
     from tqdm import tqdm
@@ -431,6 +522,12 @@ def predict_pseudolabels(dataset, configuration: str, trainer: str = "nnUNetTrai
     threshold = check_fraction(threshold, "--threshold")
     if not 0 < step_size <= 1:
         raise SelfTrainingError(f"-step_size {step_size} must be in (0, 1]")
+    check_parts(num_parts, part_id)
+    if overwrite and int(num_parts) > 1:
+        raise SelfTrainingError(
+            "--overwrite cannot be combined with -num_parts > 1: the parts share one folder, and a part would delete "
+            "the cases the others have written. Delete the output folder once, then start the parts without "
+            "--overwrite")
     raw_root = nnunet_env_path("nnUNet_raw")
     nnunet_env_path("nnUNet_results")
     name = resolve_dataset_name(dataset)
@@ -459,27 +556,24 @@ def predict_pseudolabels(dataset, configuration: str, trainer: str = "nnUNetTrai
         "images": os.path.join(raw, "imagesUnlabeled"),
         "model_folder": model_folder, "trainer": trainer, "plans": plans, "configuration": configuration,
         "folds": list(used_folds), "checkpoint": checkpoint,
-        "checkpoint_files": _checkpoint_fingerprint(model_folder, used_folds, checkpoint),
+        "checkpoint_files": checkpoint_fingerprint(model_folder, used_folds, checkpoint),
         "use_tta": bool(use_tta), "step_size": float(step_size),
         "file_ending": fe, "image_reader_writer": pm.image_reader_writer_class.__name__,
         "map_encoding": map_encoding(pm.image_reader_writer_class),
         "labels": dataset_json["labels"], "dataset_json": dataset_json,
     }
-    _prepare_output_folder(output_folder, settings, overwrite)
+    mine = part_cases(files, num_parts, part_id)
+    _prepare_output_folder(output_folder, settings, overwrite, mine)
     atomic_write_json(dataset_json, os.path.join(output_folder, "dataset.json"))
     atomic_write_json(model_plans, os.path.join(output_folder, "plans.json"))
 
-    done = set(finished_cases(output_folder, list(files), fe))
-    todo = {c: f for c, f in files.items() if c not in done}
+    done = set(finished_cases(output_folder, mine, fe))
+    todo = {c: files[c] for c in mine if c not in done}
     log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if verbose else (lambda *a: None)
-    log(f"Pseudo-labels for {len(files)} unlabeled case(s) of {name} -> {output_folder}")
+    share = f", part {part_id} of -num_parts {num_parts} ({len(mine)} case(s))" if num_parts > 1 else ""
+    log(f"Pseudo-labels for {len(files)} unlabeled case(s) of {name}{share} -> {output_folder}")
     if done:
-        log(f"{len(done)} of {len(files)} case(s) already finished: skipped (resume)")
-    # summaries made at another threshold are recomputed from the saved maps, not predicted again
-    for c in sorted(done):
-        s = load_json(case_files(output_folder, c, fe)["summary"])
-        if abs(s.get("threshold", -1) - threshold) > 1e-12:
-            refresh_summary(output_folder, c, settings, threshold)
+        log(f"{len(done)} of {len(mine)} case(s) already finished: skipped (resume)")
 
     if todo:
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -516,9 +610,25 @@ def predict_pseudolabels(dataset, configuration: str, trainer: str = "nnUNetTrai
             if pool is not None:
                 pool.terminate()
                 pool.join()
-    write_run_summary(output_folder, list(files), settings, threshold)
+    # the pool's summary needs every part; until then each part keeps its own cases' summaries current
+    missing = [c for c in files if c not in mine] if num_parts > 1 else []
+    missing = [c for c in missing if c not in set(finished_cases(output_folder, missing, fe))]
+    _refresh_thresholds(output_folder, mine if missing else list(files), settings, threshold)
+    if missing:
+        log(f"Part {part_id} finished; {len(missing)} case(s) of other parts are not finished yet (e.g. "
+            f"{missing[0]}). {SUMMARY_FILE} is written by the run that finds every case finished")
+    else:
+        write_run_summary(output_folder, list(files), settings, threshold)
     log(f"Pseudo-labels written to {output_folder}")
     return output_folder
+
+
+def _refresh_thresholds(output_folder: str, cases: Sequence[str], settings: dict, threshold: float) -> None:
+    """Summaries made at another threshold are recomputed from the saved maps, not predicted again."""
+    for c in sorted(cases):
+        s = load_json(case_files(output_folder, c, settings["file_ending"])["summary"])
+        if abs(s.get("threshold", -1) - threshold) > 1e-12:
+            refresh_summary(output_folder, c, settings, threshold)
 
 
 def write_run_summary(output_folder: str, cases: Sequence[str], settings: dict, threshold: float) -> dict:

@@ -3,7 +3,9 @@
 One round (``run_self_training`` / ``nnunet_ssl self-train``):
 
 1. **Pseudo-label** ``imagesUnlabeled/`` of the teacher's dataset with the teacher (fold ensemble, see
-   :mod:`nnunet_ssl.selftrain.pseudolabel`; resumable, kept beside the teacher model).
+   :mod:`nnunet_ssl.selftrain.pseudolabel`; resumable, kept beside the teacher model). Round 1 can instead use a
+   folder labelled beforehand (``--pseudolabels DIR``, e.g. by ``nnunet_ssl pseudolabel -num_parts N`` on N
+   machines); it is checked to come from the teacher and to be complete.
 2. **Build the student dataset** ``nnUNet_raw/DatasetYYY_<Root>_ST<r>/`` (written in a hidden temporary folder and
    renamed into place): ``imagesTr/labelsTr`` = the truly labeled cases + the pseudo-labeled cases kept by the case
    cut, their low-confidence voxels set to nnU-Net's ignore label (``dataset.json`` gains ``"ignore"`` = highest
@@ -43,7 +45,7 @@ from nnunet_ssl.selftrain.common import (DEFAULT_CASE_CUT, DEFAULT_STUDENT_TRAIN
                                          default_device, ensure_ext_trainer_env, load_json, nnunet_env_path,
                                          parse_folds, trained_iterations)
 from nnunet_ssl.selftrain.pseudolabel import (CONFIDENCE, LABELS, SETTINGS_FILE, apply_confidence_threshold,
-                                              case_files, finished_cases, predict_pseudolabels, read_map)
+                                              case_files, check_pseudolabel_folder, predict_pseudolabels, read_map)
 
 SELFTRAIN_CONVERTER = "nnunet_ssl self-train"
 RECORD_FILE = "ssl_split.json"  # the project's split record name (dataset_conversion/_common.SPLIT_RECORD_FILENAME)
@@ -252,17 +254,7 @@ def build_student_dataset(teacher: ModelSpec, pseudolabel_folder: str, student_i
         raise SelfTrainingError(f"case name(s) {shared[:5]} occur in both imagesTr and imagesUnlabeled of "
                                 f"{teacher_raw}; rename the unlabeled ones (pseudo-labeled cases join imagesTr)")
 
-    settings_file = os.path.join(pseudolabel_folder, SETTINGS_FILE)
-    if not os.path.isfile(settings_file):
-        raise SelfTrainingError(f"{pseudolabel_folder} holds no pseudo-labels ({SETTINGS_FILE} missing); run "
-                                f"`nnunet_ssl pseudolabel -d {teacher.dataset} -c {teacher.configuration} "
-                                f"-tr {teacher.trainer} -p {teacher.plans}` first")
-    settings = load_json(settings_file)
-    done = set(finished_cases(pseudolabel_folder, list(unlabeled), fe))
-    todo = [c for c in unlabeled if c not in done]
-    if todo:
-        raise SelfTrainingError(f"pseudo-labels in {pseudolabel_folder} are incomplete: {len(todo)} case(s) missing "
-                                f"(e.g. {todo[0]}); rerun `nnunet_ssl pseudolabel` (it resumes)")
+    settings = check_pseudolabel_folder(pseudolabel_folder, teacher, teacher.resolve_folds(), list(unlabeled), fe)
     summaries = {c: load_json(case_files(pseudolabel_folder, c, fe)["summary"]) for c in unlabeled}
     kept, dropped = select_cases(summaries, case_cut)
     if not kept:
@@ -611,7 +603,7 @@ def run_self_training(dataset, configuration: str, rounds: int = 1, teacher_trai
                       case_cut: float = DEFAULT_CASE_CUT, train_teacher: bool = False, use_tta: bool = True,
                       step_size: float = 0.5, device: Optional[str] = None, num_processes_preprocessing: int = 2,
                       num_processes_export: int = 2, num_processes: int = 2, overwrite: bool = False,
-                      verbose: bool = True) -> SelfTrainingResult:
+                      verbose: bool = True, pseudolabels: Optional[str] = None) -> SelfTrainingResult:
     """Offline self-training (noisy student) for ``rounds`` rounds; see the module docstring.
 
     Args:
@@ -627,6 +619,9 @@ def run_self_training(dataset, configuration: str, rounds: int = 1, teacher_trai
             --disable_tta, -step_size, -npp, -nps).
         num_processes: preprocessing workers for the student dataset (nnUNetv2_preprocess -np).
         overwrite: redo pseudo-labels and rebuild student datasets (discarding their preprocessed data and models).
+        pseudolabels: round 1 uses this folder of ``nnunet_ssl pseudolabel`` output (e.g. labelled in parts on several
+            machines) instead of labelling again; it must come from the teacher (folds None: its folds) and be
+            complete. Later rounds label with their own teacher (the previous student).
 
     Returns:
         :class:`SelfTrainingResult` (``final_model_folder``, per-round datasets and cases, iteration counts).
@@ -647,10 +642,19 @@ def run_self_training(dataset, configuration: str, rounds: int = 1, teacher_trai
     if not os.path.isfile(os.path.join(raw, "dataset.json")):
         raise SelfTrainingError(f"{os.path.join(raw, 'dataset.json')} is missing: self-training needs the raw dataset "
                                 f"(imagesTr, labelsTr, imagesUnlabeled)")
-    find_unlabeled_cases(raw, load_json(os.path.join(raw, "dataset.json")))  # fail before any training
+    ds_json = load_json(os.path.join(raw, "dataset.json"))
+    unlabeled = find_unlabeled_cases(raw, ds_json)  # fail before any training
     check_trainer_exists(teacher_trainer, "-tr")
     check_trainer_exists(student_trainer, "--student-trainer")
     teacher = ModelSpec(name, configuration, teacher_trainer, plans, parse_folds(folds), checkpoint)
+    if pseudolabels is not None:  # fail before any training; the folder's folds are the teacher's unless -f says
+        pseudolabels = os.path.abspath(pseudolabels)
+        if teacher.folds is None:
+            made_with = os.path.join(pseudolabels, SETTINGS_FILE)
+            if os.path.isfile(made_with):
+                teacher.folds = parse_folds(load_json(made_with).get("folds"))
+        check_pseudolabel_folder(pseudolabels, teacher, teacher.resolve_folds(), list(unlabeled),
+                                 ds_json["file_ending"])
     if student_dataset_id is not None:  # fail before any prediction or training
         lineage, dirs = teacher_lineage(name), _dataset_dirs()
         for r in range(int(rounds)):
@@ -667,9 +671,14 @@ def run_self_training(dataset, configuration: str, rounds: int = 1, teacher_trai
     for r in range(int(rounds)):
         if verbose:
             _log(f"round {r + 1}/{rounds}: teacher {teacher.model_folder} (folds {list(used_folds)})")
-        pl_folder = predict_pseudolabels(teacher.dataset, configuration, teacher.trainer, plans, used_folds,
-                                         teacher.checkpoint, None, threshold, use_tta, step_size, device,
-                                         num_processes_preprocessing, num_processes_export, overwrite, verbose)
+        if r == 0 and pseudolabels is not None:
+            pl_folder = pseudolabels
+            if verbose:
+                _log(f"using the pseudo-labels in {pl_folder} (--pseudolabels)")
+        else:
+            pl_folder = predict_pseudolabels(teacher.dataset, configuration, teacher.trainer, plans, used_folds,
+                                             teacher.checkpoint, None, threshold, use_tta, step_size, device,
+                                             num_processes_preprocessing, num_processes_export, overwrite, verbose)
         lineage = teacher_lineage(teacher.dataset)
         expected = _expected_identity(teacher, used_folds, pl_folder, threshold, case_cut)
         if student_dataset_id is not None:

@@ -57,6 +57,10 @@ def test_no_unlabeled_images(capsys, no_unlabeled):
     (["self-train", "--student-trainer", "nnUNetTrainerNoSuchStudent"],
      "unknown trainer 'nnUNetTrainerNoSuchStudent' (--student-trainer)"),
     (["self-train", "--student-id", "990"], "dataset id 990 (round 1) is already used by Dataset990_SSLSynthetic"),
+    (["pseudolabel", "-num_parts", "2", "-part_id", "2"], "-part_id 2 is not in 0..1"),
+    (["pseudolabel", "-num_parts", "0"], "-num_parts 0 must be at least 1"),
+    (["pseudolabel", "-num_parts", "2", "--overwrite"], "--overwrite cannot be combined with -num_parts > 1"),
+    (["self-train", "--pseudolabels", "/nonexistent/pl"], "pseudo-label folder /nonexistent/pl does not exist"),
 ])
 def test_bad_values(capsys, teacher, argv, expected):
     base = ["-d", str(teacher["dataset"]["id"]), "-c", CONFIG, "-tr", TEACHER, "-f", "0", "--disable_tta",
