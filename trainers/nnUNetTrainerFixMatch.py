@@ -41,6 +41,9 @@ _COUNT = "fm_"
 
 
 class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
+    """FixMatch: masked CE toward the network's own confident pseudo-labels of the weak view, learned on a strong
+    (intensity + CutMix) view."""
+
     use_teacher = False          # the weak view is predicted by the network itself, under no_grad
     lambda_max = 1.0             # FixMatch's lambda_u; the confidence mask replaces a ramp-up
     rampup_fraction = 0.0
@@ -177,10 +180,12 @@ def fixmatch_ratios(counts: Dict[str, float], num_classes: int) -> Dict[str, flo
 
 
 class nnUNetTrainerFixMatch_noMix(nnUNetTrainerFixMatch):
+    """FixMatch without the spatial mix: the strong view is the intensity operations alone."""
     mix = None
 
 
 class nnUNetTrainerFixMatch_classMix(nnUNetTrainerFixMatch):
+    """FixMatch with ClassMix instead of CutMix as the strong view's spatial mix."""
     mix = "classmix"
 
 

@@ -295,10 +295,12 @@ class nnUNetTrainerMetaSSL_voxelMean(nnUNetTrainerMetaSSL_released):
 
 
 class nnUNetTrainerMetaSSL_uniform(nnUNetTrainerMetaSSL):
+    """MetaSSL on Mean Teacher with uniform region weights (region means without heterogeneity)."""
     weights_preset = "uniform"
 
 
 class nnUNetTrainerMetaSSL_figure(nnUNetTrainerMetaSSL):
+    """MetaSSL on Mean Teacher with the figure's labeled regions (agreement of the reference with the ground truth)."""
     labeled_regions = "figure"
 
 
