@@ -308,23 +308,27 @@ _known = dict(_all_trainers(), nnUNetTrainer=_nnUNetTrainer)
 for _b in _BASES:
     if _b in _known:
         globals()[f"{_b}_{_CFG['tag']}"] = _make(_known[_b], _CFG["tag"], _CFG["epochs"])
-# half the epochs: the teacher and the student of offline self-training share one budget between them
-for _b in _CFG.get("half_bases", ()):
-    if _b in _known:
-        globals()[f"{_b}_{_CFG['tag']}Half"] = _make(_known[_b], _CFG["tag"] + "Half", _CFG["epochs"] // 2)
+# other epoch counts under their own suffix: "Half" (the teacher and the student of offline self-training share one
+# budget between them), "2x" (the labeled-only control with twice the iterations)
+for _suffix, _epochs, _bases in _CFG.get("scaled", ()):
+    for _b in _bases:
+        if _b in _known:
+            globals()[f"{_b}_{_CFG['tag']}{_suffix}"] = _make(_known[_b], _CFG["tag"] + _suffix, _epochs)
 '''
 
 
 def write_trainer_index(folder: Path, tag: str, epochs: int, iterations: int, val_iterations: int,
                         seed: Optional[int], bases: Sequence[str], unlabeled_batch_ratio: Optional[float] = 1.0,
-                        final_validation: bool = False, half_bases: Sequence[str] = ()) -> Tuple[Path, Dict[str, str]]:
+                        final_validation: bool = False,
+                        scaled: Sequence[Tuple[str, int, Sequence[str]]] = ()) -> Tuple[Path, Dict[str, str]]:
     """Write ``folder/bench_trainer_index_<tag>.py`` (the only module there); return (folder, {base: variant}).
 
     Put ``folder`` on ``nnUNet_extTrainer`` (os.pathsep list) of the subprocesses. A base the installed package
     does not define is skipped by the module (nnU-Net then reports the unknown trainer). ``final_validation``
     False skips nnU-Net's validation at the end of training (with fold ``all`` it would only re-predict the
-    training cases). Every base in ``half_bases`` also gets ``<base>_<tag>Half`` with ``epochs // 2`` epochs (the
-    two halves of offline self-training).
+    training cases). Each ``(suffix, epochs, bases)`` of ``scaled`` also gives every one of its bases a variant
+    ``<base>_<tag><suffix>`` with that many epochs (same iterations per epoch): ``Half`` for the two halves of
+    offline self-training, ``2x`` for the labeled-only control with twice the iterations.
     """
     folder.mkdir(parents=True, exist_ok=True)
     for old in folder.glob("*.py"):
@@ -332,7 +336,7 @@ def write_trainer_index(folder: Path, tag: str, epochs: int, iterations: int, va
             old.unlink()
     cfg = {"tag": tag, "epochs": int(epochs), "iterations": int(iterations), "val_iterations": int(val_iterations),
            "seed": seed, "unlabeled_batch_ratio": unlabeled_batch_ratio, "final_validation": bool(final_validation),
-           "half_bases": sorted(set(half_bases))}
+           "scaled": [(str(sfx), int(ep), sorted(set(bs))) for sfx, ep, bs in scaled]}
     text = _INDEX_TEMPLATE.replace("__CFG__", repr(cfg)).replace("__BASES__", repr(sorted(set(bases))))
     write_text_atomic(folder / f"bench_trainer_index_{tag}.py", text)
     return folder, {b: f"{b}_{tag}" for b in bases}
@@ -643,11 +647,78 @@ class Spec:
 
 
 UPPER = "nnUNetTrainer@all"
-#: offline self-training row: a half-budget nnUNetTrainer teacher, pseudo-labels, a half-budget noisy student
+LABELED_ONLY = "nnUNetTrainer"
+#: control: labeled-only nnU-Net with twice the budget's epochs (is a gain the unlabeled data or more optimisation?)
+CONTROL_2X = "nnUNetTrainer_2x"
+CONTROL_2X_ROLE = "labeled only, 2x iterations (control)"
+#: offline self-training, issue 8's protocol: a half-budget nnUNetTrainer teacher, pseudo-labels, a half-budget
+#: noisy student (the same total iterations as every other row)
 SELFTRAIN = "SelfTraining"
+#: offline self-training as users run it: the teacher is this seed's full-budget labeled-only model (the
+#: ``nnUNetTrainer`` row's checkpoint, reused), the student trains the full budget
+SELFTRAIN_FULL = "SelfTraining_fullTeacher"
+SELFTRAIN_KEYS = (SELFTRAIN, SELFTRAIN_FULL)
 SELFTRAIN_TEACHER = "nnUNetTrainer"
 SELFTRAIN_STUDENT = "nnUNetTrainerNoisyStudent"
 SELFTRAIN_ROLE = "SSL (offline self-training)"
+SELFTRAIN_FULL_ROLE = "SSL (offline self-training, full-budget teacher)"
+
+
+def run_aliases(methods: Sequence[str]) -> Dict[str, List[str]]:
+    """``--trainers`` words that name rows rather than trainers (lower case, ``-`` and ``_`` ignored)."""
+    return {"upper": [UPPER], "all": [UPPER], "nnunettrainer@all": [UPPER], "methods": list(methods),
+            "ssl": list(methods), "selftrain": [SELFTRAIN], "selftraining": [SELFTRAIN],
+            "selftrainhalf": [SELFTRAIN], "selftrainfull": [SELFTRAIN_FULL],
+            "selftrainingfullteacher": [SELFTRAIN_FULL],
+            "labeled2x": [CONTROL_2X], "nnunettrainer2x": [CONTROL_2X], "2x": [CONTROL_2X],
+            "controls": [CONTROL_2X, SELFTRAIN_FULL]}
+
+
+def data_context(setting: dict) -> dict:
+    """What a row's numbers depend on besides its trainer and seed: plans, schedule, device, the labeled cases and
+    the sizes of the labeled / unlabeled / test / upper-bound sets. Rows are comparable (pairable) only when these
+    agree; ``description`` says it in words and is not part of the comparison."""
+    sel = setting.get("selection") or {}
+    ds = setting.get("datasets") or {}
+    d0, d1 = ds.get("labeled_subset") or {}, ds.get("all_labeled") or {}
+    units = setting.get("labeled_units") or {}
+    ctx = {"plans_sha256": setting.get("plans_sha256"), "configuration": setting.get("configuration"),
+           "total_iterations": setting.get("total_iterations"), "tta": setting.get("tta"),
+           "device": setting.get("device"),
+           "labeled": sorted(sel["labeled"]) if sel.get("labeled") else None, "selection_seed": sel.get("seed"),
+           "n_available": sel.get("n_available"), "n_present": sel.get("n_present"),
+           "num_labeled": d0.get("num_labeled"), "num_unlabeled": d0.get("num_unlabeled"),
+           "num_test": d0.get("num_test"), "upper_num_labeled": d1.get("num_labeled")}
+    ctx["description"] = (f"{sel.get('description') or sel.get('rule') or '?'}; nnU-Net cases labeled / unlabeled / "
+                          f"test {ctx['num_labeled']} / {ctx['num_unlabeled']} / {ctx['num_test']}, upper bound "
+                          f"{units.get('all_labeled', '?')} {units.get('unit', 'cases')} labeled; "
+                          f"`{ctx['configuration']}`, {ctx['total_iterations']} iterations, plans "
+                          f"{str(ctx['plans_sha256'])[:8]}, {ctx['device']}")
+    return ctx
+
+
+def context_key(ctx: Optional[dict]) -> str:
+    """``ctx`` without its description, as a string: equal keys = comparable rows."""
+    return json.dumps({k: v for k, v in (ctx or {}).items() if k != "description"}, sort_keys=True)
+
+
+def row_is_current(row: dict, setting: dict) -> bool:
+    """Made with the setting's plans and, where the row records it, on the setting's data."""
+    return row.get("plans_sha256") == setting.get("plans_sha256") and \
+        ("data" not in row or context_key(row["data"]) == context_key(data_context(setting)))
+
+
+def stamp_legacy_rows(data: dict) -> None:
+    """Give every row recorded without its own ``data`` context the context of the file's setting, when the row was
+    made with the setting's plans. Called before a run replaces the setting: rows older than per-row contexts were
+    recorded under it, and would otherwise be paired with rows made on other data (e.g. after the data folder grew)."""
+    old = data.get("setting")
+    if not old:
+        return
+    ctx = data_context(old)
+    for row in data.get("runs", {}).values():
+        if "data" not in row and row.get("plans_sha256") == old.get("plans_sha256"):
+            row["data"] = ctx
 
 
 class SSLBenchmark:
@@ -674,9 +745,10 @@ class SSLBenchmark:
         # logs and results table, so it can neither overwrite nor be merged into the seed-0 rows.
         seed_sub = f"seed{self.seed}" if self.seed else ""
         self.out = self.work / seed_sub
-        results_dir = Path(args.results_dir) if args.results_dir else \
-            (RESULTS_DIR / "smoke" if args.budget == "smoke" else RESULTS_DIR) / seed_sub
-        self.results_json = results_dir / f"{spec.name}_{args.budget}{suffix}.json"
+        # --results-dir is the root of every seed's table, as the default: seed S > 0 writes to <root>/seed<S>/
+        self.results_root = Path(args.results_dir) if args.results_dir else \
+            (RESULTS_DIR / "smoke" if args.budget == "smoke" else RESULTS_DIR)
+        self.results_json = self.results_root / seed_sub / f"{spec.name}_{args.budget}{suffix}.json"
         self.results_md = self.results_json.with_suffix(".md")
         self.logs = self.out / "logs"
         self.ext = self.out / "ext"
@@ -690,29 +762,62 @@ class SSLBenchmark:
 
     # ------------------------------------------------------------------ runs
     def planned_runs(self) -> List[dict]:
+        """The rows to run, in order. A row's ``scale`` (if any) selects the ``<trainer>_<tag><scale>`` budget
+        variant. Default: labeled-only, upper bound, every SSL method, offline self-training with the full-budget
+        teacher; the controls and the half-budget self-training on request."""
         methods = method_trainers()
-        runs = [{"key": "nnUNetTrainer", "trainer": "nnUNetTrainer", "dataset": 0, "role": "labeled only"},
-                {"key": UPPER, "trainer": "nnUNetTrainer", "dataset": 1,
-                 "role": f"{self.spec.n_all_label} labeled (upper bound)"}]
-        runs += [{"key": m, "trainer": m, "dataset": 0, "role": "SSL"} for m in methods]
-        runs.append({"key": SELFTRAIN, "trainer": SELFTRAIN_STUDENT, "dataset": 0, "role": SELFTRAIN_ROLE})
-        if self.args.trainers:
-            wanted, out = [], []
-            for t in self.args.trainers:
-                if t in ("upper", "all", UPPER, "nnUNetTrainer@all"):
-                    wanted.append(UPPER)
-                elif t in ("methods", "ssl"):
-                    wanted += methods
-                elif t.lower().replace("-", "").replace("_", "") in ("selftraining", "selftrain"):
-                    wanted.append(SELFTRAIN)
-                else:
-                    wanted.append(resolve_trainer(t))
-            by_key = {r["key"]: r for r in runs}
-            for k in dict.fromkeys(wanted):
-                out.append(by_key.get(k) or {"key": k, "trainer": k, "dataset": 0, "role": "SSL" if k != "nnUNetTrainer"
-                                             else "labeled only"})
-            runs = out
+        catalogue = [{"key": LABELED_ONLY, "trainer": "nnUNetTrainer", "dataset": 0, "role": "labeled only"},
+                     {"key": UPPER, "trainer": "nnUNetTrainer", "dataset": 1,
+                      "role": f"{self.spec.n_all_label} labeled (upper bound)"}]
+        catalogue += [{"key": m, "trainer": m, "dataset": 0, "role": "SSL"} for m in methods]
+        catalogue += [{"key": SELFTRAIN_FULL, "trainer": SELFTRAIN_STUDENT, "dataset": 0, "role": SELFTRAIN_FULL_ROLE},
+                      {"key": SELFTRAIN, "trainer": SELFTRAIN_STUDENT, "dataset": 0, "role": SELFTRAIN_ROLE,
+                       "scale": "Half"},
+                      {"key": CONTROL_2X, "trainer": "nnUNetTrainer", "dataset": 0, "role": CONTROL_2X_ROLE,
+                       "scale": "2x"}]
+        by_key = {r["key"]: r for r in catalogue}
+        if not self.args.trainers:
+            return [r for r in catalogue if r["key"] not in (SELFTRAIN, CONTROL_2X)]
+        aliases = run_aliases(methods)
+        wanted: List[str] = []
+        for t in self.args.trainers:
+            word = t.lower().replace("-", "").replace("_", "")
+            try:
+                wanted += aliases.get(word) or ([t] if t in by_key else [resolve_trainer(t)])
+            except ValueError as e:
+                raise ValueError(f"{e}. Rows that are no trainer: upper, methods, selftrain-full ({SELFTRAIN_FULL}), "
+                                 f"selftrain ({SELFTRAIN}), labeled2x ({CONTROL_2X}), controls") from None
+        runs = [by_key.get(k) or {"key": k, "trainer": k, "dataset": 0,
+                                  "role": "labeled only" if k == LABELED_ONLY else "SSL"}
+                for k in dict.fromkeys(wanted)]
+        # the full-teacher self-training reuses the labeled-only model: train that first when both are asked for
+        keys = [r["key"] for r in runs]
+        if SELFTRAIN_FULL in keys and LABELED_ONLY in keys and keys.index(SELFTRAIN_FULL) < keys.index(LABELED_ONLY):
+            runs.append(runs.pop(keys.index(SELFTRAIN_FULL)))
         return runs
+
+    def run_epochs(self, run: dict) -> int:
+        return {"Half": self.budget.epochs // 2, "2x": 2 * self.budget.epochs}.get(run.get("scale", ""),
+                                                                                  self.budget.epochs)
+
+    def variant(self, run: dict) -> str:
+        return f"{run['trainer']}_{self.tag}{run.get('scale', '')}"
+
+    def command(self, trainers: Sequence[str]) -> str:
+        """The benchmark command that runs ``trainers`` for this seed, labeled set and budget (for messages)."""
+        a = self.args
+        parts = [f"python benchmarks/{self.spec.name}.py", f"--budget {a.budget}"]
+        if a.num_labeled is not None:
+            parts.append(f"-n {a.num_labeled}")
+        if a.labeled_seed is not None:
+            parts.append(f"--labeled-seed {a.labeled_seed}")
+        if a.labeled_cases:
+            parts.append("--labeled-cases " + " ".join(a.labeled_cases))
+        parts.append(f"--seed {self.seed}")
+        for opt in ("work", "data", "results_dir", "device"):
+            if getattr(a, opt, None):
+                parts.append(f"--{opt.replace('_', '-')} {getattr(a, opt)}")
+        return " ".join(parts + ["--trainers", *trainers])
 
     # ------------------------------------------------------------------ data
     def dataset_folder_name(self, i: int) -> str:
@@ -744,6 +849,7 @@ class SSLBenchmark:
         src, selection = spec.make_selection(source, self.n, self.args.labeled_seed, self.args.labeled_cases,
                                              self.work / "source")
         info["selection"] = selection
+        self.check_same_source(selection, source)
         test_subset = ["--max-test", str(b.max_test)] if b.max_test is not None else []
         for i in (0, 1):
             if (self.raw(i) / "dataset.json").is_file():
@@ -804,6 +910,21 @@ class SSLBenchmark:
             self.say(f"unlabeled preprocessing took {fmt_s(r.wall_s)}")
         return info
 
+    def check_same_source(self, selection: dict, source: Path) -> None:
+        """Conversion is skipped when its output exists, so a data folder that changed since (e.g. LA grew from 8 to
+        28 training cases) would go on training on the old conversion: refuse, and say how to redo it. The record
+        is written on the first preparation (work folders older than it get it now, unchecked)."""
+        record = self.work / "source_selection.json"
+        now = {k: selection.get(k) for k in ("n_available", "n_present", "labeled")}
+        if record.is_file() and (self.raw(0) / "dataset.json").is_file():
+            was = json.loads(record.read_text())
+            if was != now:
+                diff = ", ".join(f"{k} {was.get(k)} -> {now[k]}" for k in now if was.get(k) != now[k])
+                raise StepError(f"{self.work} was prepared from other data than {source} holds now ({diff}); rerun "
+                                f"with --reprepare to convert, plan and preprocess again")
+        else:
+            write_json_atomic(record, now)
+
     # ------------------------------------------------------------------ one run
     def run_one(self, run: dict, variant: str, env: Dict[str, str]) -> dict:
         spec, b = self.spec, self.budget
@@ -818,7 +939,7 @@ class SSLBenchmark:
         rec = {"key": run["key"], "trainer": run["trainer"], "variant": variant, "role": run["role"],
                "dataset": self.dataset_folder_name(i), "started": now_iso(), "loadavg_start": loadavg()}
         self.say(f"training {variant} on {self.dataset_folder_name(i)} ({run['role']}), "
-                 f"{b.epochs} x {b.iterations} iterations, log {self.logs / f'train_{key}.log'}")
+                 f"{self.run_epochs(run)} x {b.iterations} iterations, log {self.logs / f'train_{key}.log'}")
         r = run_monitored(["nnUNetv2_train", ds, b.configuration, "all", "-tr", variant, "-p", PLANS, "-device",
                            self.device], env, self.logs / f"train_{key}.log",
                           progress=lambda line: self.say(f"  {run['key']}: {line}"))
@@ -882,7 +1003,7 @@ class SSLBenchmark:
         r = self.predict_and_evaluate({"key": f"{SELFTRAIN}_teacher"}, ds, variant, env)
         return (r.get("metrics") or {}).get("mean") if r.get("status") == "ok" else None
 
-    def diagnose_pseudolabels(self, pseudolabel_folder: str) -> Optional[dict]:
+    def diagnose_pseudolabels(self, pseudolabel_folder: str, key: str = SELFTRAIN) -> Optional[dict]:
         """Pseudo-labels of the unlabeled pool against the truth, where the all-labeled dataset has it (the
         benchmark's unlabeled cases are labeled training cases of the upper-bound dataset)."""
         from nnunet_ssl.evaluation import evaluate_folder
@@ -893,7 +1014,7 @@ class SSLBenchmark:
             return None
         try:
             summary = evaluate_folder(labels, self.raw(1) / "labelsTr", dataset_json=self.raw(0) / "dataset.json",
-                                      output_file=self.out / "evaluations" / f"{SELFTRAIN}_pseudolabels.json",
+                                      output_file=self.out / "evaluations" / f"{key}_pseudolabels.json",
                                       allow_missing=True)
         except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
             self.say(f"  (pseudo-label diagnostic skipped: {type(e).__name__}: {e})")
@@ -902,49 +1023,95 @@ class SSLBenchmark:
                  f"over {len(summary['per_case'])} cases")
         return {"n_cases": len(summary["per_case"]), "mean": summary["mean"]["mean_over_classes"]}
 
-    @property
-    def selftrain_dataset_id(self) -> int:
-        return self.spec.dataset_ids[1] + 1
+    def selftrain_dataset_id(self, key: str = SELFTRAIN) -> int:
+        """The student dataset's id; each protocol has its own, so that neither rebuilds the other's."""
+        return self.spec.dataset_ids[1] + 1 + SELFTRAIN_KEYS.index(key)
+
+    def full_teacher(self, teacher: str) -> dict:
+        """The ``nnUNetTrainer`` row of this seed whose checkpoint ``SelfTraining_fullTeacher`` reuses as its teacher.
+
+        Raises StepError, saying which command trains it, when the row is missing, unfinished or made with other
+        plans, or when its checkpoint is missing or newer than the row (retrained since: the row would not describe
+        the teacher)."""
+        row = self.load()["runs"].get(LABELED_ONLY) or {}
+        ckpt = self.model_dir(self.dataset_folder_name(0), teacher) / "fold_all" / "checkpoint_final.pth"
+        how = f"train it first with: {self.command([LABELED_ONLY])}"
+        who = f"{SELFTRAIN_FULL} reuses the full-budget labeled-only model of seed {self.seed} as its teacher"
+        if row.get("status") != "ok":
+            raise StepError(f"{who}, but {self.results_json} has no finished `{LABELED_ONLY}` row; {how}")
+        if not row_is_current(row, self.setting):
+            raise StepError(f"{who}, but the `{LABELED_ONLY}` row of {self.results_json} was made with other plans or "
+                            f"data (plans {row.get('plans_sha256')}, now {self.setting.get('plans_sha256')}); {how}")
+        if not ckpt.is_file():
+            raise StepError(f"{who}, but its checkpoint {ckpt} is missing (another --work folder, or the work folder "
+                            f"was cleaned); {how}")
+        finished = row.get("finished")
+        if finished and ckpt.stat().st_mtime > _dt.datetime.fromisoformat(finished).timestamp() + 60:
+            raise StepError(f"{who}, but {ckpt} is newer than the `{LABELED_ONLY}` row of {self.results_json} "
+                            f"(finished {finished}): the model was retrained without being recorded; {how}")
+        return row
 
     def run_selftrain(self, run: dict, env: Dict[str, str]) -> dict:
-        """One round of ``nnunet_ssl self-train`` at the same total budget as every other row: a labeled-only
-        ``nnUNetTrainer`` teacher trained for half the epochs, pseudo-labels of the unlabeled pool (package
-        defaults: voxel threshold, case cut), then ``nnUNetTrainerNoisyStudent`` for the other half on the labeled +
-        pseudo-labeled cases. The row's train time is everything: teacher, pseudo-labelling, building and
-        preprocessing the student dataset, student training."""
+        """One round of ``nnunet_ssl self-train``: pseudo-labels of the unlabeled pool by a labeled-only
+        ``nnUNetTrainer`` teacher (package defaults: voxel threshold, case cut), then ``nnUNetTrainerNoisyStudent``
+        on the labeled + pseudo-labeled cases.
+
+        ``SelfTraining`` (issue 8's protocol, the same total budget as every other row): the teacher is trained here
+        for half the epochs, the student for the other half. ``SelfTraining_fullTeacher`` (as users run it): the
+        teacher is the ``nnUNetTrainer`` row's full-budget model of this seed, reused, and the student trains the full
+        budget (twice the iterations of the other rows in all). The row's train time is everything: teacher,
+        pseudo-labelling, building and preprocessing the student dataset, student training."""
         b = self.budget
+        full = run["key"] == SELFTRAIN_FULL
         ds0 = str(self.spec.dataset_ids[0])
-        sid = self.selftrain_dataset_id
-        teacher, student = f"{SELFTRAIN_TEACHER}_{self.tag}Half", f"{SELFTRAIN_STUDENT}_{self.tag}Half"
-        # a rerun starts clean: teacher model (its pseudo-labels live in its folder) and the student dataset
+        sid = self.selftrain_dataset_id(run["key"])
+        scale = "" if full else "Half"
+        epochs = self.run_epochs(run)
+        teacher, student = f"{SELFTRAIN_TEACHER}_{self.tag}{scale}", f"{SELFTRAIN_STUDENT}_{self.tag}{scale}"
         teacher_dir = self.model_dir(self.dataset_folder_name(0), teacher)
-        shutil.rmtree(teacher_dir, ignore_errors=True)
+        # a rerun starts clean: the student dataset, and the teacher's pseudo-labels (they live in its model folder;
+        # a trained-here teacher goes with them)
+        if full:
+            teacher_row = self.full_teacher(teacher)
+            for old in teacher_dir.glob("pseudolabels_*"):
+                shutil.rmtree(old)
+        else:
+            shutil.rmtree(teacher_dir, ignore_errors=True)
         for parent in (self.work / "raw", self.work / "preprocessed", self.out / "results"):
             for d in parent.glob(f"Dataset{sid:03d}_*"):
                 shutil.rmtree(d)
         rec = {"key": run["key"], "trainer": f"{teacher} -> {student}", "variant": student, "role": run["role"],
                "dataset": self.dataset_folder_name(0), "started": now_iso(), "loadavg_start": loadavg(),
-               "selftrain": {"teacher": teacher, "student": student, "teacher_epochs": b.epochs // 2,
-                             "student_epochs": b.epochs // 2, "student_dataset_id": sid}}
-        self.say(f"self-training: teacher {teacher} ({b.epochs // 2} x {b.iterations} iterations) on "
-                 f"{self.dataset_folder_name(0)}, log {self.logs / 'train_SelfTraining_teacher.log'}")
+               "selftrain": {"teacher": teacher, "student": student, "teacher_epochs": epochs,
+                             "student_epochs": epochs, "student_dataset_id": sid, "teacher_reused": full}}
         progress = (lambda line: self.say(f"  {run['key']}: {line}"))
-        rt = run_monitored(["nnUNetv2_train", ds0, b.configuration, "all", "-tr", teacher, "-p", PLANS, "-device",
-                            self.device], env, self.logs / "train_SelfTraining_teacher.log", progress=progress)
+        teacher_log, student_log = (self.logs / f"train_{run['key']}_{part}.log" for part in ("teacher", "student"))
+        if full:
+            self.say(f"self-training: teacher {teacher} = the {LABELED_ONLY} row of seed {self.seed} (reused, "
+                     f"{teacher_dir / 'fold_all' / 'checkpoint_final.pth'})")
+            rt = RunResult(0, teacher_row.get("train_wall_s") or 0.0, teacher_row.get("train_peak_rss_tree_mb") or 0.0,
+                           teacher_row.get("train_maxrss_mb") or 0.0, teacher_row.get("train_log") or "")
+            rec["selftrain"].update(teacher_row_started=teacher_row.get("started"),
+                                    teacher_test=(teacher_row.get("metrics") or {}).get("mean"))
+        else:
+            self.say(f"self-training: teacher {teacher} ({epochs} x {b.iterations} iterations) on "
+                     f"{self.dataset_folder_name(0)}, log {teacher_log}")
+            rt = run_monitored(["nnUNetv2_train", ds0, b.configuration, "all", "-tr", teacher, "-p", PLANS,
+                                "-device", self.device], env, teacher_log, progress=progress)
         rec["selftrain"]["teacher_wall_s"] = rt.wall_s
         if rt.rc != 0:
             rec.update(status="train_failed", error=log_tail(rt.log, 3000), train_log=rt.log)
             self.say(f"  FAILED: teacher training exited with {rt.rc}; see {rt.log}")
             return rec
-        # diagnostics of an offline method: how good are the teacher and its pseudo-labels? (seconds, not timed)
-        rec["selftrain"]["teacher_test"] = self.diagnose_teacher(ds0, teacher, env)
-        self.say(f"self-training: pseudo-labels, student dataset {sid}, student {student} ({b.epochs // 2} x "
-                 f"{b.iterations} iterations), log {self.logs / 'train_SelfTraining_student.log'}")
+        if not full:  # diagnostics of an offline method: how good is the teacher? (seconds, not timed)
+            rec["selftrain"]["teacher_test"] = self.diagnose_teacher(ds0, teacher, env)
+        self.say(f"self-training: pseudo-labels, student dataset {sid}, student {student} ({epochs} x "
+                 f"{b.iterations} iterations), log {student_log}")
         np_ = env.get("nnUNet_def_n_proc", "2")
         cmd = ["nnunet_ssl", "self-train", "-d", ds0, "-c", b.configuration, "-tr", teacher, "-p", PLANS, "-f", "all",
                "--student-trainer", student, "--student-id", str(sid), "-device", self.device, "-np", np_,
                "-npp", "1", "-nps", "1"] + ([] if b.tta else ["--disable_tta"]) + list(b.selftrain_args)
-        rs = run_monitored(cmd, env, self.logs / "train_SelfTraining_student.log", progress=progress)
+        rs = run_monitored(cmd, env, student_log, progress=progress)
         rec.update(train_wall_s=rt.wall_s + rs.wall_s,
                    train_peak_rss_tree_mb=max(rt.peak_rss_tree_mb, rs.peak_rss_tree_mb),
                    train_maxrss_mb=max(rt.maxrss_mb, rs.maxrss_mb), train_log=rs.log, loadavg_end=loadavg())
@@ -960,7 +1127,7 @@ class SSLBenchmark:
                                 threshold=split["self_training"]["threshold"],
                                 case_cut=split["self_training"]["case_cut"])
         rec["selftrain"]["pseudolabels_vs_truth"] = self.diagnose_pseudolabels(
-            split["self_training"]["pseudolabel_folder"])
+            split["self_training"]["pseudolabel_folder"], run["key"])
         stats = {}
         for part, folder in (("teacher", teacher_dir / "fold_all"),
                              ("student", self.model_dir(student_raw.name, student) / "fold_all")):
@@ -1016,6 +1183,17 @@ class SSLBenchmark:
         write_json_atomic(self.results_json, data)
         write_text_atomic(self.results_md, render_markdown(self.spec, data))
 
+    def update_summary(self) -> Optional[Path]:
+        """Regenerate the summary over every seed's table of this benchmark, budget and labeled set (Markdown, JSON,
+        plot); the Markdown's path, or None when it failed (a summary must never stop a benchmark run)."""
+        from summarize import write_summary
+
+        try:
+            return write_summary(self.spec, self.results_root, self.results_json.stem, data_dir=self.args.data)
+        except Exception as e:  # noqa: BLE001
+            self.say(f"WARNING: summary over seeds not updated: {type(e).__name__}: {e}")
+            return None
+
     # ------------------------------------------------------------------ main
     def main(self) -> int:
         args = self.args
@@ -1050,10 +1228,15 @@ class SSLBenchmark:
                 shutil.rmtree(self.work / sub, ignore_errors=True)
         self.work.mkdir(parents=True, exist_ok=True)
         b = self.budget
-        bases = sorted({r["trainer"] for r in runs})
-        half = (SELFTRAIN_TEACHER, SELFTRAIN_STUDENT) if any(r["key"] == SELFTRAIN for r in runs) else ()
+        keys = {r["key"] for r in runs}
+        # the full-teacher self-training needs its teacher's and its student's full-budget variants importable
+        bases = sorted({r["trainer"] for r in runs if "scale" not in r} |
+                       ({SELFTRAIN_TEACHER, SELFTRAIN_STUDENT} if SELFTRAIN_FULL in keys else set()))
+        scaled = [(sfx, self.run_epochs({"scale": sfx}), sorted({r["trainer"] for r in runs if r.get("scale") == sfx} |
+                                                                ({SELFTRAIN_TEACHER} if sfx == "Half" else set())))
+                  for sfx in sorted({r["scale"] for r in runs if "scale" in r})]
         write_trainer_index(self.ext, self.tag, b.epochs, b.iterations, b.val_iterations, self.seed, bases,
-                            unlabeled_batch_ratio=1.0, final_validation=args.final_validation, half_bases=half)
+                            unlabeled_batch_ratio=1.0, final_validation=args.final_validation, scaled=scaled)
         env = self.env()
         self.say(f"work folder {self.work}{f' (seed {self.seed}: models in {self.out})' if self.seed else ''}; results "
                  f"{self.results_json}; device {self.device}; "
@@ -1083,40 +1266,56 @@ class SSLBenchmark:
         if data.get("setting") and data["setting"].get("plans_sha256") != setting["plans_sha256"]:
             self.say("WARNING: the plans differ from those of the runs already in the results file; those rows are "
                      "marked as stale in the table")
+        stamp_legacy_rows(data)
+        self.setting = setting
         data.update(benchmark=self.spec.name, title=self.spec.title, budget=args.budget, setting=setting,
                     reference=self.spec.reference, protocol_note=self.spec.protocol_note)
         todo = []
         for r in runs:
             old = data["runs"].get(r["key"])
-            if args.skip_existing and old and old.get("status") == "ok" and \
-                    old.get("plans_sha256") == setting["plans_sha256"]:
+            if args.skip_existing and old and old.get("status") == "ok" and row_is_current(old, setting):
                 self.say(f"skip {r['key']}: already in {self.results_json.name} (--skip-existing)")
                 continue
             todo.append(r)
         self.save(data)
         self.say(f"{len(todo)} run(s) to do: {', '.join(r['key'] for r in todo) or 'none'}")
+        teacher = f"{SELFTRAIN_TEACHER}_{self.tag}"
+        if SELFTRAIN_FULL in {r["key"] for r in todo} and LABELED_ONLY not in {r["key"] for r in todo}:
+            self.full_teacher(teacher)  # fail before hours of other runs, not after them
         failures = 0
         for k, r in enumerate(todo, 1):
             self.say(f"run {k}/{len(todo)}: {r['key']}")
-            variant = f"{r['trainer']}_{self.tag}"
+            variant = self.variant(r)
+            if r["key"] == SELFTRAIN_FULL:
+                try:  # e.g. the labeled-only run just before failed: keep the recorded row, record nothing
+                    self.full_teacher(teacher)
+                except StepError as e:
+                    self.say(f"  ERROR {r['key']}: {e} (nothing recorded)")
+                    failures += 1
+                    continue
             # the training subprocess imports the trainers as they are now, not when the row is recorded
             commit = git_commit()
             try:
-                rec = self.run_selftrain(r, env) if r["key"] == SELFTRAIN else self.run_one(r, variant, env)
+                rec = self.run_selftrain(r, env) if r["key"] in SELFTRAIN_KEYS else self.run_one(r, variant, env)
             except Exception as e:  # noqa: BLE001 - record and go on with the next trainer
                 rec = {"key": r["key"], "trainer": r["trainer"], "variant": variant, "role": r["role"],
                        "status": "error", "error": f"{type(e).__name__}: {e}"}
                 self.say(f"  ERROR {r['key']}: {type(e).__name__}: {e}")
-            rec.update(plans_sha256=setting["plans_sha256"], seed=self.seed, git=commit, machine=machine_info(self.device),
-                       total_iterations=b.epochs * b.iterations)
+            # the self-training rows train two networks one after the other, teacher and student
+            iterations = self.run_epochs(r) * b.iterations * (2 if r["key"] in SELFTRAIN_KEYS else 1)
+            rec.update(plans_sha256=setting["plans_sha256"], seed=self.seed, git=commit,
+                       machine=machine_info(self.device), total_iterations=iterations, data=data_context(setting))
             failures += rec.get("status") != "ok"
             data = self.load()
             data.update(setting=setting, reference=self.spec.reference, title=self.spec.title,
                         protocol_note=self.spec.protocol_note)
             data["runs"][r["key"]] = rec
             self.save(data)
+            self.update_summary()
         print(render_markdown(self.spec, self.load()), flush=True)
-        self.say(f"done; results in {self.results_json} and {self.results_md}")
+        summary = self.update_summary()
+        self.say(f"done; results in {self.results_json} and {self.results_md}" +
+                 (f"; summary over seeds {summary}" if summary else ""))
         return 1 if failures else 0
 
 
@@ -1125,9 +1324,13 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--budget", choices=sorted(spec.budgets), default="cpu",
                    help="; ".join(f"{k}: {v.note}" for k, v in spec.budgets.items()))
     p.add_argument("--trainers", nargs="+", default=None,
-                   help="runs to do (default: all): nnUNetTrainer (labeled only), upper (nnUNetTrainer on all "
-                        "labeled cases), methods (every SSL method), or trainer names, short names allowed "
-                        "(MeanTeacher); the SSL methods found now: " + ", ".join(_safe_methods()))
+                   help="runs to do: nnUNetTrainer (labeled only), upper (nnUNetTrainer on all labeled cases), "
+                        "methods (every SSL method), or trainer names, short names allowed (MeanTeacher); "
+                        f"selftrain-full ({SELFTRAIN_FULL}: the teacher is the seed's labeled-only model), selftrain "
+                        f"({SELFTRAIN}: half-budget teacher and student), labeled2x ({CONTROL_2X}: labeled-only at "
+                        "twice the iterations), controls (labeled2x + selftrain-full). Default: labeled-only, upper, "
+                        f"every SSL method, {SELFTRAIN_FULL}. The SSL methods found now: " +
+                        ", ".join(_safe_methods()))
     p.add_argument("--skip-existing", action="store_true",
                    help="skip runs already in the results file with status ok and the same plans")
     p.add_argument("-n", "--num-labeled", type=int, default=None,
@@ -1135,7 +1338,12 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--labeled-seed", type=int, default=None,
                    help="choose the N labeled cases at random with this seed instead of the first N")
     p.add_argument("--labeled-cases", nargs="+", default=None, help="explicit labeled cases (patients for ACDC)")
-    p.add_argument("--seed", type=int, default=0, help="training seed of every run (network init, main-process RNG)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="training seed of every run (network init, main-process RNG; default 0). Seed S > 0 has its "
+                        "own models under <work>/seed<S>/ and its own table in <results>/seed<S>/")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run every seed in turn (each exactly as --seed S), e.g. --seeds 0 1 2; the summary over seeds "
+                        "is regenerated after every run")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: the budget's")
     sub = spec.data_subfolder
     p.add_argument("--data", default=None,
@@ -1150,7 +1358,11 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--list", action="store_true", help="list the planned runs and their status, run nothing")
     p.add_argument("--prepare-only", action="store_true",
                    help="convert, plan and preprocess (idempotent), train nothing")
-    p.add_argument("--render-only", action="store_true", help="only regenerate the Markdown from the JSON")
+    p.add_argument("--render-only", action="store_true",
+                   help="only regenerate the Markdown from the JSON (every seed of --seeds) and the summary")
+    p.add_argument("--summary-only", action="store_true",
+                   help="only regenerate the summary over seeds (<name>_<budget>[_<selection>]_summary.md/.json/.png) "
+                        "from the per-seed JSON files; the same as benchmarks/summarize.py for this labeled set")
     p.add_argument("--reevaluate", action="store_true",
                    help="score the saved test predictions of the finished runs (--trainers, default all) again and "
                         "update their metrics; trains and predicts nothing")
@@ -1169,10 +1381,38 @@ def main(spec: Spec, description: str, argv: Optional[Sequence[str]] = None) -> 
     if args.labeled_cases and args.labeled_seed is not None:
         print("error: --labeled-cases and --labeled-seed exclude each other", file=sys.stderr)
         return 2
-    bench = SSLBenchmark(spec, args)
+    if args.seeds is not None and args.seed is not None:
+        print("error: --seed and --seeds exclude each other (--seeds 0 1 2 runs each seed as --seed S)",
+              file=sys.stderr)
+        return 2
+    seeds = list(dict.fromkeys(args.seeds)) if args.seeds else [0 if args.seed is None else args.seed]
+    if args.summary_only:
+        bench = SSLBenchmark(spec, argparse.Namespace(**{**vars(args), "seed": seeds[0]}))
+        path = bench.update_summary()
+        if path is None:
+            print(f"{spec.name}: error: no summary written: no table {bench.results_json.name} in "
+                  f"{bench.results_root} or its seed<S>/ folders (or see the warning above)", file=sys.stderr)
+            return 1
+        print(path.read_text())
+        return 0
+    rc = 0
+    for seed in seeds:
+        bench = SSLBenchmark(spec, argparse.Namespace(**{**vars(args), "seed": seed}))
+        if len(seeds) > 1:
+            print(f"== {spec.name} {args.budget}: training seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})",
+                  flush=True)
+        rc = max(rc, _main_one_seed(spec, bench))
     if args.render_only:
-        bench.save(bench.load())
-        print(bench.results_md.read_text())
+        path = bench.update_summary()
+        print(path.read_text() if path else "")
+    return rc
+
+
+def _main_one_seed(spec: Spec, bench: SSLBenchmark) -> int:
+    if bench.args.render_only:
+        if bench.results_json.is_file():  # a seed without results gets no empty table
+            bench.save(bench.load())
+            print(bench.results_md.read_text())
         return 0
     try:
         return bench.main()
@@ -1188,9 +1428,12 @@ def main(spec: Spec, description: str, argv: Optional[Sequence[str]] = None) -> 
 # Markdown
 # ----------------------------------------------------------------------------------------------------------------
 
-def _row_order(runs: Dict[str, dict]) -> List[str]:
-    first = [k for k in ("nnUNetTrainer", UPPER) if k in runs]
-    return first + sorted(k for k in runs if k not in first)
+def _row_order(runs) -> List[str]:
+    """Labeled-only, its 2x control and the upper bound first, then the trainers by name (variants after their
+    base), then offline self-training."""
+    first = [k for k in (LABELED_ONLY, CONTROL_2X, UPPER) if k in runs]
+    last = [k for k in SELFTRAIN_KEYS if k in runs]
+    return first + sorted(k for k in runs if k not in first + last) + last
 
 
 def _selftrain_diagnostics(st_rec: dict) -> str:
@@ -1254,7 +1497,8 @@ def render_markdown(spec: Spec, data: dict) -> str:
         m = r.get("metrics") or {}
         per = m.get("per_class", {})
         mean = m.get("mean", {})
-        stale = "†" if s.get("plans_sha256") and r.get("plans_sha256") not in (None, s.get("plans_sha256")) else ""
+        stale = "†" if s.get("plans_sha256") and r.get("plans_sha256") is not None and not row_is_current(r, s) \
+            else ""
         lab = (s.get("labeled_units") or {}).get("all_labeled" if k == UPPER else "labeled_subset")
         d = mean.get("Dice")
         delta = "" if k in ("nnUNetTrainer", UPPER) or d is None or base_d is None else \
@@ -1285,18 +1529,27 @@ def render_markdown(spec: Spec, data: dict) -> str:
             f" (target: at least +{spec.target_gain:.1f} at the CPU budget; " \
             f"{'met' if gain >= spec.target_gain else 'NOT met'})"
         lines += ["", f"Best SSL trainer: `{best[0]}`, {gain:+.1f} Dice points over labeled-only nnU-Net{target}."]
-    st_rec = (runs.get(SELFTRAIN) or {}).get("selftrain")
-    if st_rec:
-        lines += ["", f"`{SELFTRAIN}`: one round of `nnunet_ssl self-train` within the same total budget: teacher "
-                      f"`{st_rec['teacher']}` ({st_rec['teacher_epochs']} epochs, labeled cases only), pseudo-labels "
-                      f"of the unlabeled pool" + (f" ({st_rec['num_pseudo_labeled']} cases kept, "
-                                                  f"{st_rec['num_dropped']} dropped by the case cut "
-                                                  f"{st_rec['case_cut']}; voxels below {st_rec['threshold']} "
-                                                  f"confidence ignored)" if "num_pseudo_labeled" in st_rec else "") +
+    for key in SELFTRAIN_KEYS:
+        st_rec = (runs.get(key) or {}).get("selftrain")
+        if not st_rec:
+            continue
+        how = "as users run it, twice the iterations of the other rows in all" if st_rec.get("teacher_reused") \
+            else "within the same total budget"
+        reused = f", this seed's `{LABELED_ONLY}` row reused" if st_rec.get("teacher_reused") else ""
+        lines += ["", f"`{key}`: one round of `nnunet_ssl self-train` {how}: teacher `{st_rec['teacher']}`{reused} "
+                      f"({st_rec['teacher_epochs']} epochs, labeled cases only), pseudo-labels of the unlabeled pool" +
+                  (f" ({st_rec['num_pseudo_labeled']} cases kept, {st_rec['num_dropped']} dropped by the case cut "
+                   f"{st_rec['case_cut']}; voxels below {st_rec['threshold']} confidence ignored)"
+                   if "num_pseudo_labeled" in st_rec else "") +
                   f", student `{st_rec['student']}` ({st_rec['student_epochs']} epochs, labeled + pseudo-labeled). "
                   f"Its train time covers all of it: teacher {fmt_s(st_rec.get('teacher_wall_s'))}, pseudo-labelling "
                   f"+ student dataset + student {fmt_s(st_rec.get('pseudolabel_and_student_wall_s'))}." +
                   _selftrain_diagnostics(st_rec)]
+    if CONTROL_2X in runs:
+        lines += ["", f"`{CONTROL_2X}`: labeled-only nnU-Net with twice the epochs "
+                      f"({runs[CONTROL_2X].get('total_iterations', '2x')} iterations), a control: a trainer that beats "
+                      f"labeled-only but not this row may owe its gain to more optimisation, not to the unlabeled "
+                      f"data."]
     if any(r.get("status") != "ok" for r in runs.values()):
         lines += ["", "Runs that did not finish (see the JSON for the error and the log path):", ""]
         for k in _row_order(runs):
@@ -1343,7 +1596,7 @@ def render_markdown(spec: Spec, data: dict) -> str:
     if data.get("protocol_note"):
         lines += ["", data["protocol_note"]]
     if any("†" in ln for ln in lines):
-        lines += ["", "† run made with other plans than the current setting (stale; rerun it)."]
+        lines += ["", "† run made with other plans or data than the current setting (stale; rerun it)."]
     return "\n".join(lines) + "\n"
 
 

@@ -77,12 +77,18 @@ def setup_env(work: Path, device: str) -> None:
         os.environ.setdefault("nnUNet_compile", "0")
 
 
+def work_dir(root: Path, plan: str, shape=SHAPE) -> Path:
+    """The cached dataset's folder: one per plan and, since another volume size is another dataset, per size."""
+    return root / (plan if tuple(shape) == SHAPE else f"{plan}_{'x'.join(map(str, shape))}")
+
+
 def config_name(cfg: str, plan: str) -> str:
     return f"{cfg}_overhead" if plan == "cpu" else cfg
 
 
-def prepare(work: Path, configs: List[str], plan: str) -> Dict[str, str]:
-    """Synthetic dataset, nnU-Net planning, the benchmark configurations, preprocessing. Returns {cfg: trained cfg}."""
+def prepare(work: Path, configs: List[str], plan: str, shape=SHAPE) -> Dict[str, str]:
+    """Synthetic dataset (volumes of ``shape``), nnU-Net planning, the benchmark configurations, preprocessing.
+    Returns {cfg: trained cfg}."""
     import torch
 
     from nnunet_ssl.data.unlabeled import preprocess_unlabeled
@@ -93,7 +99,7 @@ def prepare(work: Path, configs: List[str], plan: str) -> Dict[str, str]:
     pre = work / "preprocessed" / raw.name
     if not (raw / "dataset.json").is_file():
         make_synthetic_dataset(str(work / "raw"), DATASET_ID, name=DATASET_NAME, dim=3, n_labeled=4, n_unlabeled=4,
-                               n_test=0, shape=SHAPE, seed=0)
+                               n_test=0, shape=tuple(shape), seed=0)
     plans_file = pre / f"{C.PLANS}.json"
     if not plans_file.is_file():
         from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments
@@ -171,6 +177,19 @@ def entries_for(trainer_names: List[str]) -> List[dict]:
     return out
 
 
+def new_trainer(cls, cfg: str, work: Path, device: str, batch_size: Optional[int] = None):
+    """``cls`` on the synthetic dataset, fold 'all', constructed as ``nnUNetv2_train`` constructs it."""
+    import torch
+
+    pre = work / "preprocessed" / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
+    plans = json.loads((pre / f"{C.PLANS}.json").read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
+    if batch_size:
+        plans["configurations"][cfg]["batch_size"] = int(batch_size)
+    return cls(plans=plans, configuration=cfg, fold="all", dataset_json=dataset_json, device=torch.device(device))
+
+
 def build(entry: dict, cfg: str, work: Path, device: str, n_batches: int = 2, batch_size: Optional[int] = None):
     """A trainer as ``nnUNetv2_train`` builds it (fold 'all'), started, with replayable batches."""
     import torch
@@ -178,16 +197,9 @@ def build(entry: dict, cfg: str, work: Path, device: str, n_batches: int = 2, ba
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     known = dict(all_trainers(), nnUNetTrainer=nnUNetTrainer)
-    pre = work / "preprocessed" / f"Dataset{DATASET_ID:03d}_{DATASET_NAME}"
-    plans = json.loads((pre / f"{C.PLANS}.json").read_text())
-    dataset_json = json.loads((pre / "dataset.json").read_text())
-    plans["continue_training"] = False  # what nnUNetv2_train's get_trainer_from_args adds
-    if batch_size:
-        plans["configurations"][cfg]["batch_size"] = int(batch_size)
     torch.manual_seed(0)
     with quiet(work / "logs" / "trainers.log"):
-        tr = known[entry["name"]](plans=plans, configuration=cfg, fold="all", dataset_json=dataset_json,
-                                  device=torch.device(device))
+        tr = new_trainer(known[entry["name"]], cfg, work, device, batch_size)
         tr.num_epochs, tr.num_iterations_per_epoch = 20, 100
         tr.on_train_start()
         if entry["stage"] is not None:
@@ -349,6 +361,7 @@ def memory_worker(args) -> int:
 def measure_memory(entry: dict, trained_cfg: str, args, work: Path) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_memory-worker", "--trainer", entry["name"],
            "--config", trained_cfg, "--device", args.device, "--work", str(args.work_root),
+           "--shape", *map(str, args.shape),
            "--memory-steps", str(args.memory_steps), "--plan", args.plan]
     if args.batch_size:
         cmd += ["--batch-size", str(args.batch_size)]
@@ -369,7 +382,7 @@ def measure_memory(entry: dict, trained_cfg: str, args, work: Path) -> dict:
 # preprocessing
 # ----------------------------------------------------------------------------------------------------------------
 
-def time_preprocessing(trained_cfg: str, work: Path, rounds: int) -> dict:
+def time_preprocessing(trained_cfg: str, work: Path, rounds: int, shape=SHAPE) -> dict:
     """Per case: nnU-Net's run_case_save (image + label) vs nnunet_ssl's unlabeled path (image only), same files."""
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
@@ -406,7 +419,7 @@ def time_preprocessing(trained_cfg: str, work: Path, rounds: int) -> dict:
     nn = statistics.median([statistics.median(v) for v in t_nn.values()])
     ssl = statistics.median([statistics.median(v) for v in t_ssl.values()])
     return {"cases": len(cases), "rounds": rounds, "nnunet_s_per_case": nn, "unlabeled_s_per_case": ssl,
-            "ratio": ssl / nn, "image_shape_zyx": list(SHAPE),
+            "ratio": ssl / nn, "image_shape_zyx": list(shape),
             "what": "nnU-Net: DefaultPreprocessor.run_case_save(image, label) (crop, resample, normalise, "
                     "foreground sampling, blosc2); unlabeled: nnunet_ssl.data.unlabeled._preprocess_case(image) "
                     "(same preprocessor without label, blosc2)"}
@@ -555,6 +568,8 @@ def parse(argv=None):
     p.add_argument("--no-preprocessing", action="store_true")
     p.add_argument("--smoke", action="store_true", help="2 rounds, 1 warm-up, 1 memory step; results/smoke/")
     p.add_argument("--work", default=None, help=f"work folder (default {C.DEFAULT_WORK}/overhead)")
+    p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("Z", "Y", "X"),
+                   help=f"synthetic volume size (default {' '.join(map(str, SHAPE))}; smaller for quick checks)")
     p.add_argument("--results-dir", default=None)
     # internal
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)
@@ -572,7 +587,7 @@ def main(argv=None) -> int:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     args.plan = args.plan or ("cpu" if args.device == "cpu" else "nnunet")
     args.work_root = Path(args.work) if args.work else C.DEFAULT_WORK / "overhead"
-    work = args.work_root / args.plan
+    work = work_dir(args.work_root, args.plan, args.shape)
     args.work_resolved = str(work)
     if args.memory_worker:
         return memory_worker(args)
@@ -592,17 +607,18 @@ def main(argv=None) -> int:
     say = lambda m: print(f"[overhead {time.strftime('%H:%M:%S')} +{C.fmt_s(time.time() - t_start)}] {m}",  # noqa
                           flush=True)
     say(f"device {args.device}, plan {args.plan}, trainers {', '.join(short(n) for n in names)}; work {work}")
-    trained = prepare(work, args.configs, args.plan)
+    trained = prepare(work, args.configs, args.plan, args.shape)
     setting = {"device": args.device, "plan": args.plan, "rounds": args.rounds, "warmup": args.warmup,
                "memory_steps": args.memory_steps, "trainers": names, "date": C.now_iso(),
                "batch_size_override": args.batch_size,
                "machine": C.machine_info(args.device), "torch_threads": torch.get_num_threads(),
-               "loadavg_start": C.loadavg(), "git": C.git_commit(), "synthetic_shape_zyx": list(SHAPE)}
+               "loadavg_start": C.loadavg(), "git": C.git_commit(), "synthetic_shape_zyx": list(args.shape)}
     result = {"smoke": args.smoke, "configs": {}, "setting": setting}
     old_file = results_dir / "overhead.json"
     if old_file.is_file():  # keep the other configurations of a compatible earlier run (filled over sittings)
         old = json.loads(old_file.read_text())
-        same = all(old.get("setting", {}).get(k) == setting[k] for k in ("device", "plan", "batch_size_override"))
+        same = all(old.get("setting", {}).get(k) == setting[k] for k in ("device", "plan", "batch_size_override",
+                                                                    "synthetic_shape_zyx"))
         if same and bool(old.get("smoke")) == bool(args.smoke):
             result["configs"] = {c: r for c, r in old.get("configs", {}).items() if c not in args.configs}
     for cfg in args.configs:
@@ -632,7 +648,7 @@ def main(argv=None) -> int:
                     e["alloc_peak_mb"] = m["allocated_peak_mb"]
         if not args.no_preprocessing:
             say(f"{cfg}: preprocessing time per case")
-            res["preprocessing"] = time_preprocessing(tc, work, args.pp_rounds)
+            res["preprocessing"] = time_preprocessing(tc, work, args.pp_rounds, args.shape)
         result["configs"][cfg] = res
         analyse(result)
         setting["loadavg_end"] = C.loadavg()

@@ -3,6 +3,8 @@
 
     python benchmarks/ssl_acdc.py --budget cpu                      # all runs, the CPU protocol (hours)
     python benchmarks/ssl_acdc.py --budget cpu --trainers nnUNetTrainer MeanTeacher --skip-existing
+    python benchmarks/ssl_acdc.py --budget cpu --seeds 0 1 2 --skip-existing   # each seed in turn; summary over seeds
+    python benchmarks/ssl_acdc.py --budget cpu --trainers nnUNetTrainer controls  # + the two controls
     python benchmarks/ssl_acdc.py --budget full --device cuda       # nnU-Net's own 2d plan and schedule
     python benchmarks/ssl_acdc.py --budget smoke                    # plumbing check, minutes
 
@@ -24,7 +26,8 @@ Budgets (see benchmarks/README.md and specs/benchmark-protocol.md):
   upper bound: checks that everything runs, measures nothing.
 
 Results: ``benchmarks/results/ssl_acdc_<budget>[_<selection>].json`` (merged run by run, keyed by trainer) and
-the Markdown table beside it, regenerated after every run.
+the Markdown table beside it, regenerated after every run; seed S > 0 in ``results/seed<S>/``; the summary over
+seeds ``ssl_acdc_<budget>[_<selection>]_summary.md`` / ``.json`` / ``.png`` beside the seed-0 table.
 """
 from __future__ import annotations
 

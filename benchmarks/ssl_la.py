@@ -4,13 +4,16 @@ unlabeled, the present ``test.list`` cases for testing.
 
     python benchmarks/ssl_la.py --budget cpu                        # all runs, reduced 3D plan on CPU
     python benchmarks/ssl_la.py --budget cpu --trainers nnUNetTrainer MeanTeacher --skip-existing
+    python benchmarks/ssl_la.py --budget cpu --seeds 0 1 2 --skip-existing   # each seed in turn; summary over seeds
+    python benchmarks/ssl_la.py --budget cpu --trainers nnUNetTrainer controls  # + the two controls
     python benchmarks/ssl_la.py --budget full --device cuda         # nnU-Net's own 3d_fullres plan and schedule
     python benchmarks/ssl_la.py --budget smoke                      # plumbing check
 
 Data: ``$NNUNET_SSL_DATA/LA`` or ``<repo>/../shared/data/LA`` (skipped with a message when absent). Labeled: the
 first N lines of ``train.list`` (N = 4, the literature's 5 % setting), or ``--labeled-seed S`` / ``--labeled-cases``
-among the present training cases. Unlabeled: the other present training cases (the shared copy holds only the
-first 8 of ``train.list``, so 4 unlabeled cases; with the full 80-case folder (``--data``) all 76 others). Test: the
+among the present training cases. Unlabeled: the other present training cases (the shared copy holds the first 28
+of ``train.list``, so 24 unlabeled cases, 4 until it held only 8; with the full 80-case folder (``--data``) all 76
+others). Test: the
 ``test.list`` cases (20, all present), evaluated once with the final checkpoint.
 
 Runs: ``nnUNetTrainer`` on the labeled cases, ``nnUNetTrainer@all`` on all present training cases labeled (upper
@@ -106,8 +109,9 @@ SPEC = C.Spec(
     protocol_note=(
         "Protocol: the literature's LA split (labeled = first N lines of train.list, test = test.list), native "
         "0.625 mm spacing in the raw data; the CPU budget trains a reduced 3D plan at 1.5 mm and predicts back at "
-        "0.625 mm. The shared data copy holds 8 of the 80 training cases, so the unlabeled pool has 4 cases (the "
-        "literature's 76): SSL gains here are a lower bound of what the full pool gives. Plans = nnU-Net's planning on "
+        "0.625 mm. The shared data copy holds fewer than the 80 training cases (the first 8 until 2026-12, 28 since), "
+        "so the unlabeled pool is smaller than the literature's 76 (its size is in the setting above): SSL gains here "
+        "are a lower bound of what the full pool gives. Plans = nnU-Net's planning on "
         "the all-labeled dataset plus the budget's configuration, copied unchanged to the labeled-subset dataset."),
 )
 
