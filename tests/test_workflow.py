@@ -9,9 +9,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +19,7 @@ from nnunet_ssl.trainers import all_trainers
 from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
 
 from .conftest import make_trainer, run_cli, shrink_plans
-from .trainers.helpers import start, steps
+from .trainers.helpers import assert_state_equal, start, steps
 
 pytestmark = pytest.mark.slow
 METHODS = sorted(n for n, c in all_trainers().items() if n.endswith("_sslTiny") and issubclass(c, nnUNetTrainerSSL))
@@ -160,54 +157,48 @@ def test_every_trainer_with_an_ignore_label(name, dataset_ignore):
 
 
 # ---------------------------------------------------------------- interruption with SIGKILL
-KILL_INDEX = '''
-from nnunet_ssl.trainers import all_trainers
-from nnunet_ssl.trainers.budgets import budget_variant
-for _n, _c in list(all_trainers().items()):
-    if _n.endswith("_sslTiny"):
-        _base = _c.__mro__[1]
-        globals()[_base.__name__ + "_sslKill"] = budget_variant(_base, "sslKill")
-'''
+EXT_TRAINERS = Path(__file__).parent / "ext_trainers"  # the test-only *_sslKill trainers (see its module)
 
 
 @pytest.fixture(scope="module")
-def kill_ext(tmp_path_factory):
-    d = tmp_path_factory.mktemp("killext")
-    (d / "nnunet_ssl_kill_index.py").write_text(KILL_INDEX)
+def kill_ext():
     from nnunet_ssl.nnunet_ext import TRAINER_DIR
 
-    return os.pathsep.join([str(d), TRAINER_DIR])
+    return os.pathsep.join([str(EXT_TRAINERS), TRAINER_DIR])
 
 
 KILL_METHODS = ["nnUNetTrainerMeanTeacher_sslTiny", "nnUNetTrainerMetaSSLCPS_sslTiny", "nnUNetTrainerACTION_sslTiny"]
 
 
 @pytest.mark.parametrize("tiny", [m for m in KILL_METHODS if m in METHODS])
-def test_sigkill_mid_epoch_then_resume(tiny, dataset3d, kill_ext):
-    name = tiny.replace("_sslTiny", "_sslKill")
-    env = dict(os.environ, nnUNet_extTrainer=kill_ext, PYTHONUNBUFFERED="1")
+def test_sigkill_mid_epoch_then_resume(tiny, dataset3d, kill_ext, tmp_path):
+    name = tiny.replace("_sslTiny", "_sslKill")  # 4 epochs x 4 iterations, a checkpoint after every epoch
     out = dataset3d["results"] / f"{name}__nnUNetPlans__3d_fullres" / "fold_0"
-    cmd = [str(Path(sys.executable).parent / "nnUNetv2_train"), str(dataset3d["id"]), "3d_fullres", "0", "-tr",
-           name, "-device", "cpu"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    seen = []
-    try:
-        for line in proc.stdout:  # kill right after epoch 2 starts: a checkpoint of epoch 1 exists
-            seen.append(line)
-            if "Epoch 2" in line:
-                time.sleep(0.5)
-                os.kill(proc.pid, signal.SIGKILL)
-                break
-    finally:
-        proc.wait(timeout=120)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)[-3000:]
+    train = ["nnUNetv2_train", str(dataset3d["id"]), "3d_fullres", "0", "-tr", name, "-device", "cpu"]
+    # the run kills itself with SIGKILL before step 2 of epoch 2 (two steps of epoch 2 done, only in memory), so the
+    # outcome does not depend on the machine's speed
+    killed = run_cli(train, env={"nnUNet_extTrainer": kill_ext, "NNUNET_SSL_TEST_SIGKILL_AT": "2:2"}, check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert "Epoch 2" in killed.stdout and "Epoch 3" not in killed.stdout
     assert not (out / "checkpoint_final.pth").exists()
-    latest = torch.load(out / "checkpoint_latest.pth", weights_only=False)
+    latest = torch.load(out / "checkpoint_latest.pth", weights_only=False)  # epoch 1's, intact
     assert latest["current_epoch"] == 2
+    assert latest["ssl_state"]["ssl_iteration"] == 2 * 4
+    assert len(latest["ssl_state"]["ssl_log"]["values"]["sup_loss"]) == 2
 
-    r = run_cli(["nnUNetv2_train", str(dataset3d["id"]), "3d_fullres", "0", "-tr", name, "-device", "cpu", "--c"],
-                env={"nnUNet_extTrainer": kill_ext})
+    dump = tmp_path / "resumed_from.pt"
+    r = run_cli(train + ["--c"], env={"nnUNet_extTrainer": kill_ext, "NNUNET_SSL_TEST_RESUME_DUMP": str(dump)})
     assert "Epoch 2" in r.stdout and "Epoch 1\n" not in r.stdout
+    # --c resumed from exactly that checkpoint: epoch, iteration counter, student, teacher, heads/thresholds/queues
+    resumed = torch.load(dump, weights_only=False)
+    assert (resumed["current_epoch"], resumed["ssl_iteration"]) == (2, 2 * 4)
+    ssl = latest["ssl_state"]
+    assert_state_equal(resumed["student"], ssl.get("student_weights", latest["network_weights"]))
+    if resumed["teacher"] is None:  # CPS: a second network (in ssl_modules) instead of a teacher
+        assert "teacher_weights" not in ssl
+    else:
+        assert_state_equal(resumed["teacher"], ssl["teacher_weights"])
+    assert_state_equal(resumed["ssl_modules"], ssl["ssl_modules"])
     final = torch.load(out / "checkpoint_final.pth", weights_only=False)
     assert final["current_epoch"] == 4
     state = final["ssl_state"]

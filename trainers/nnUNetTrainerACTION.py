@@ -29,14 +29,12 @@ snapshotted before the loss, because the losses keep the bank for backward and e
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.contrastive.anco import AnCoLoss, AnCoSampler
@@ -46,136 +44,18 @@ from nnunet_ssl.algorithms.contrastive.heads import (DenseRepresentationHead2d, 
 from nnunet_ssl.algorithms.contrastive.memory_bank import FIFOQueue
 from nnunet_ssl.algorithms.contrastive.point_gather import FeatureCapture, gather_points
 from nnunet_ssl.algorithms.contrastive.saacl import CentreAssigner, saacl_loss, sample_class_points
-from nnunet_ssl.algorithms.distributed import all_reduce_sum, is_distributed
+from nnunet_ssl.algorithms.distributed import average_gradients, is_distributed
 from nnunet_ssl.algorithms.losses.pseudo_label import confidence_weighted_ce, confidence_weights
 from nnunet_ssl.algorithms.mixing import ClassMix, CutMix
-from nnunet_ssl.algorithms.schedules import cosine_cycle
+from nnunet_ssl.algorithms.row_chunks import checkpointed_row_mean, rows_per_chunk
+from nnunet_ssl.algorithms.schedules import StagewisePolyLR, cosine_cycle, epoch_stage, stage_boundaries
+from nnunet_ssl.algorithms.seeding import step_seed
+from nnunet_ssl.algorithms.step_metrics import StepMetrics, epoch_values
+from nnunet_ssl.algorithms.unet_features import feature_channels, feature_modules
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError, nnUNetTrainerSSL
 
 Embed = Callable[[torch.Tensor], torch.Tensor]
-
-# suffixes of per-step metric keys that are not plain per-step means (see ``finalize_metrics``)
-_NUM, _DEN, _TOTAL = "#num", "#den", "#total"
-
-
-def feature_modules(net: nn.Module) -> List[nn.Module]:
-    """The modules ACTION reads features from: the bottleneck ``encoder.stages[-1]`` and every ``decoder.stages[k]``
-    (coarsest first, the last one at full resolution). Works for PlainConvUNet and ResidualEncoderUNet."""
-    return [net.encoder.stages[-1], *net.decoder.stages]
-
-
-def feature_channels(net: nn.Module) -> List[int]:
-    """Channels of the outputs of :func:`feature_modules`: ``C_b`` then decoder stage ``k`` with
-    ``encoder.output_channels[-(k + 2)]`` channels (the skip it is fused with)."""
-    out = list(net.encoder.output_channels)
-    return [out[-1]] + [out[-(k + 2)] for k in range(len(net.decoder.stages))]
-
-
-def checkpointed_row_mean(fn: Callable[..., Tuple[torch.Tensor, Dict[str, torch.Tensor]]],
-                          rows: Sequence[torch.Tensor], chunk: int) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    """Mean over rows of a row-separable loss, computed one activation-checkpointed chunk of rows at a time.
-
-    Contrastive losses against a large bank build ``(rows, bank)`` logit matrices several times over; with plain
-    chunking every chunk's matrices stay saved for backward. Here only each chunk's inputs are kept and its
-    matrices are recomputed in backward, so the extra memory is one chunk's worth.
-
-    Args:
-        fn: ``fn(*row_chunks) -> (mean loss over the chunk's rows, {name: detached mean statistic})``.
-        rows: tensors sharing the row axis 0 (``(N, ...)`` each).
-        chunk: rows per chunk.
-
-    Returns:
-        ``(loss, stats)``: row-weighted means over all ``N`` rows (``fn`` itself when ``N <= chunk``).
-    """
-    n = rows[0].shape[0]
-    if n <= chunk:
-        return fn(*rows)
-    total, stats = None, {}
-    for start in range(0, n, chunk):
-        part = [r[start:start + chunk] for r in rows]
-        loss, st = checkpoint(fn, *part, use_reentrant=False)
-        w = part[0].shape[0] / n
-        total = loss * w if total is None else total + loss * w
-        for k, v in st.items():
-            stats[k] = stats.get(k, 0.0) + v.detach() * w
-    return total, stats
-
-
-class StagewisePolyLR:
-    """nnU-Net's poly schedule, restarted at every stage boundary (``lr_schedule='per_stage'``).
-
-    ``lr(e) = lr0 * (1 - (e - E_s) / (E_{s+1} - E_s)) ** exponent`` for ``E_s <= e < E_{s+1}``, with
-    ``boundaries = (0, E_1, E_2, E)``; like ``PolyLRScheduler`` it sets the lr of *every* parameter group.
-    """
-
-    def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float,
-                 boundaries: Callable[[], Sequence[int]], exponent: float = 0.9):
-        self.optimizer = optimizer
-        self.initial_lr = float(initial_lr)
-        # a callable, so a budget set after initialize() (variants, tests) moves the boundaries along
-        self.boundaries = boundaries
-        self.exponent = float(exponent)
-        self._last_lr = [g["lr"] for g in optimizer.param_groups]
-
-    def lr_at(self, epoch: int) -> float:
-        """Learning rate of epoch ``epoch`` (0-based)."""
-        b = tuple(int(e) for e in self.boundaries())
-        for start, end in zip(b[:-1], b[1:]):
-            if start <= epoch < end:
-                return self.initial_lr * (1.0 - (epoch - start) / (end - start)) ** self.exponent
-        return self.initial_lr * 0.0
-
-    def step(self, current_step: int) -> None:
-        lr = self.lr_at(current_step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
-
-    def get_last_lr(self) -> List[float]:
-        return self._last_lr
-
-
-class _StepMetrics:
-    """Per-step diagnostics collected as tensors and read back with a single device sync.
-
-    Keys become epoch values in :meth:`nnUNetTrainerACTION.finalize_metrics`: plain keys are per-step means,
-    ``ratio`` keys are (sum of numerators) / (sum of denominators) over the epoch, ``total`` keys are epoch sums.
-    """
-
-    def __init__(self):
-        self.items: Dict[str, object] = {}
-
-    def mean(self, key: str, value) -> None:
-        self.items[key] = value
-
-    def ratio(self, key: str, num, den) -> None:
-        self.items[key + _NUM] = num
-        self.items[key + _DEN] = den
-
-    def ratio_finite(self, key: str, values: torch.Tensor, prefix_classes: bool = True) -> None:
-        """Per-class (``(C,)``) conditional means over the steps where the value is finite."""
-        values = values.detach().float()
-        ok = torch.isfinite(values)
-        num = torch.where(ok, values, torch.zeros_like(values))
-        for c in range(values.numel()):
-            self.ratio(f"{key}_c{c}" if prefix_classes else key, num[c], ok[c].float())
-
-    def total(self, key: str, value) -> None:
-        self.items[key + _TOTAL] = value
-
-    def floats(self) -> Dict[str, float]:
-        keys = list(self.items)
-        tensors = [v for v in self.items.values() if torch.is_tensor(v)]
-        if tensors:
-            dev = tensors[0].device
-            dtype = torch.float32 if dev.type == "mps" else torch.float64  # constants such as 0.01 stay exact
-            flat = torch.stack([v.detach().to(dev, dtype).reshape(()) if torch.is_tensor(v)
-                                else torch.tensor(float(v), device=dev, dtype=dtype)
-                                for v in self.items.values()]).tolist()
-        else:
-            flat = [float(v) for v in self.items.values()]
-        return dict(zip(keys, flat))
 
 
 class nnUNetTrainerACTION(nnUNetTrainerSSL):
@@ -272,15 +152,11 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
     # ------------------------------------------------------------------ stages
     def stage_bounds(self) -> Tuple[int, int]:
         """``(E_1, E_2)``: first epochs of stages ii and iii, ``round(f * E)`` rounding halves up."""
-        f1, f2, _ = self.stage_fractions
-        e1 = int(math.floor(f1 * self.num_epochs + 0.5))
-        e2 = int(math.floor((f1 + f2) * self.num_epochs + 0.5))
-        return e1, max(e1, e2)
+        return stage_boundaries(self.stage_fractions, self.num_epochs)
 
     def stage_of_epoch(self, epoch: int) -> int:
         """1, 2 or 3: the stage of 0-based ``epoch``; a pure function of the epoch (resumable anywhere)."""
-        e1, e2 = self.stage_bounds()
-        return 1 if epoch < e1 else (2 if epoch < e2 else 3)
+        return epoch_stage(epoch, self.stage_bounds())
 
     @property
     def stage(self) -> int:
@@ -444,20 +320,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
                   if p.requires_grad]
         if self.stage == 1:
             params += [p for p in self.student.encoder.parameters() if p.requires_grad]
-        if not params:
-            return
-        dev = params[0].device
-        grads = [p.grad.reshape(-1).float() if p.grad is not None else torch.zeros(p.numel(), device=dev)
-                 for p in params]
-        has = torch.tensor([float(p.grad is not None) for p in params], device=dev)
-        flat = all_reduce_sum(torch.cat(grads + [has]))
-        world = dist.get_world_size()
-        offset = 0
-        for p, h in zip(params, flat[-len(params):].tolist()):
-            chunk = flat[offset:offset + p.numel()]
-            offset += p.numel()
-            if h > 0:
-                p.grad = (chunk / world).view_as(p).to(p.dtype)
+        average_gradients(params)
 
     def after_optimizer_step(self) -> None:
         """One EMA update per step: the teacher network (base class) and the teacher heads."""
@@ -473,13 +336,12 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
 
     def _seed_generator(self) -> torch.Generator:
         rank = self.local_rank if self.is_ddp else 0
-        seed = ((self.sampling_seed * 1_000_003 + rank) * 1_000_003 + self.current_epoch) * 1_000_003 \
-            + self._step_in_epoch
-        return self.generator.manual_seed(seed % (2 ** 63))
+        return self.generator.manual_seed(step_seed(self.sampling_seed, rank, self.current_epoch,
+                                                    self._step_in_epoch))
 
     def chunk_rows(self, columns: int) -> int:
         """Rows per checkpointed chunk of a contrastive loss with ``columns`` logits per row."""
-        return max(1, self.contrastive_chunk_elements // max(columns, 1))
+        return rows_per_chunk(self.contrastive_chunk_elements, columns)
 
     def _enqueue_images(self, queue: FIFOQueue, rows: torch.Tensor, images: int) -> None:
         """Enqueue ``rows`` ``(images * G, D)`` (``G`` rows per image) as whole images.
@@ -529,7 +391,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         cells = self.window_cells()
         return windows_from_grid(self.ssl_modules["h_l_teacher"](pooled_grid(z_t, cells)), cells)
 
-    def _global_distillation(self, u_s: torch.Tensor, z_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
+    def _global_distillation(self, u_s: torch.Tensor, z_t: torch.Tensor, log: StepMetrics) -> torch.Tensor:
         """L_glob of the student bottleneck ``u_s`` ``(B, C_b, *S_b)`` against the global queue, with teacher
         targets ``z_t`` ``(B, d_g)``; then enqueue ``z_t`` (spec 2.4)."""
         m = self.ssl_modules
@@ -544,11 +406,11 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         log.mean("tau_s", tau_s)
         log.mean("tau_t", tau_t)
         log.mean("queue_fill_glob", queue.fill_fraction)
-        log.ratio_finite("glob_entropy_t", st["entropy_t"].reshape(1), prefix_classes=False)
-        log.ratio_finite("glob_entropy_s", st["entropy_s"].reshape(1), prefix_classes=False)
+        log.finite_mean("glob_entropy_t", st["entropy_t"])
+        log.finite_mean("glob_entropy_s", st["entropy_s"])
         return loss
 
-    def _local_distillation(self, z_s: torch.Tensor, w_t: torch.Tensor, log: _StepMetrics) -> torch.Tensor:
+    def _local_distillation(self, z_s: torch.Tensor, w_t: torch.Tensor, log: StepMetrics) -> torch.Tensor:
         """L_loc of the student's full-resolution logits ``z_s`` ``(B, C, *S)`` against the local queue, with
         teacher window embeddings ``w_t`` ``(B * 7^n, C * P^n)`` (spec 2.5); then enqueue ``w_t``.
 
@@ -568,14 +430,14 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         log.mean("loss_loc", loss.detach())
         log.mean("w_loc", 1.0)
         log.mean("queue_fill_loc", queue.fill_fraction)
-        log.ratio_finite("loc_entropy_t", st["entropy_t"].reshape(1), prefix_classes=False)
-        log.ratio_finite("loc_entropy_s", st["entropy_s"].reshape(1), prefix_classes=False)
+        log.finite_mean("loc_entropy_t", st["entropy_t"])
+        log.finite_mean("loc_entropy_s", st["entropy_s"])
         return loss
 
     # ------------------------------------------------------------------ the three stages
     def compute_losses(self, data, target, unlabeled):
         gen = self._seed_generator()
-        log = _StepMetrics()
+        log = StepMetrics()
         stage = self.stage
         self.capture.active = True
         try:
@@ -700,7 +562,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         return self.sup_weight * sup, unsup
 
     def _saacl(self, embed: Embed, coords: torch.Tensor, labels: torch.Tensor, t_emb: torch.Tensor,
-               log: _StepMetrics) -> torch.Tensor:
+               log: StepMetrics) -> torch.Tensor:
         """SAACL on the labeled points ``coords (N, 1 + n)`` (spec 5.1): centroid EMA + Hungarian, loss, enqueue."""
         m = self.ssl_modules
         queue, centres = m["queue_saacl"], m["centres"]
@@ -722,10 +584,10 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         log.mean("tau_sa", tau_sa)
         log.mean("queue_fill_saacl", queue.fill_fraction)
         log.total("saacl_perm_changes", float(changes))
-        log.ratio_finite("saacl_alignment", centres.alignment().reshape(1), prefix_classes=False)
+        log.finite_mean("saacl_alignment", centres.alignment())
         return loss
 
-    def _log_pseudo_labels(self, mix, log: _StepMetrics) -> None:
+    def _log_pseudo_labels(self, mix, log: StepMetrics) -> None:
         log.mean("pl_weight", confidence_weights(mix.confidence, self.pl_threshold).mean())
         log.mean("pl_conf_frac", (mix.confidence.float() >= self.valid_threshold).float().mean())
         log.mean("mix_skipped", float(mix.skipped))
@@ -734,13 +596,13 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
         for c in range(self.num_classes):
             log.mean(f"pl_class_frac_c{c}", hist[c])
 
-    def _log_anco(self, diag: Dict[str, torch.Tensor], log: _StepMetrics) -> None:
+    def _log_anco(self, diag: Dict[str, torch.Tensor], log: StepMetrics) -> None:
         present = diag["present"].float()
         skipped = diag["skipped"].float()
         log.mean("anco_num_classes", diag["num_classes"])
-        log.ratio_finite("anco_hard_frac", diag["hard_fraction"])
-        log.ratio_finite("anco_cos_pos", diag["cos_pos"])
-        log.ratio_finite("anco_cos_neg", diag["cos_neg"])
+        log.finite_mean("anco_hard_frac", diag["hard_fraction"])
+        log.finite_mean("anco_cos_pos", diag["cos_pos"])
+        log.finite_mean("anco_cos_neg", diag["cos_neg"])
         for c in range(self.num_classes):
             log.mean(f"anco_present_c{c}", present[c])
             log.ratio(f"anco_skipped_c{c}", skipped[c], present[c])
@@ -763,18 +625,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
     def finalize_metrics(self, sums: Dict[str, float], steps: int) -> Dict[str, float]:
         """Epoch sums -> values: means, ratios of sums, totals; every key of :meth:`metric_keys` present."""
         out = {k: float("nan") for k in self.metric_keys()}
-        world = dist.get_world_size() if self.is_ddp else 1
-        for k, v in sums.items():
-            if k.endswith(_NUM):
-                base = k[:-len(_NUM)]
-                den = sums.get(base + _DEN, 0.0)
-                out[base] = v / den if den > 0 else float("nan")
-            elif k.endswith(_DEN):
-                continue
-            elif k.endswith(_TOTAL):
-                out[k[:-len(_TOTAL)]] = v / world  # identical on every rank (e.g. the assignment)
-            else:
-                out[k] = v / max(steps, 1)
+        out.update(epoch_values(sums, steps, dist.get_world_size() if self.is_ddp else 1))
         out["action_stage"] = float(self.stage)
         out["lr"] = float(self.optimizer.param_groups[0]["lr"])
         if self.device.type == "cuda":

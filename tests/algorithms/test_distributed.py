@@ -6,7 +6,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nnunet_ssl.algorithms.distributed import all_gather_cat, all_reduce_sum, is_distributed
+from nnunet_ssl.algorithms.distributed import all_gather_cat, all_reduce_sum, average_gradients, is_distributed
 
 
 def _free_port():
@@ -40,3 +40,33 @@ def test_gloo_two_ranks(tmp_path):
         res = torch.load(tmp_path / f"{r}.pt")
         assert res["sum"].tolist() == [3.0, 6.0]
         assert res["gather"][:, 0].tolist() == [0.0, 0.0, 1.0, 1.0]  # rank order
+
+
+def _grad_worker(rank, port, out):
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        a, b, c = (torch.nn.Parameter(torch.zeros(2, 3)) for _ in range(3))
+        a.grad = torch.full((2, 3), float(rank + 1))              # 1 and 2 -> 1.5
+        b.grad = torch.full((2, 3), 4.0) if rank == 1 else None   # None counts as zeros -> 2
+        average_gradients([a, b, c])                              # c: no rank has a gradient
+        torch.save({"a": a.grad, "b": b.grad, "c": c.grad}, os.path.join(out, f"g{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_average_gradients_single_process_is_a_no_op():
+    p = torch.nn.Parameter(torch.zeros(2))
+    p.grad = torch.tensor([1.0, 3.0])
+    average_gradients([p])
+    average_gradients([])
+    assert p.grad.tolist() == [1.0, 3.0]
+
+
+def test_average_gradients_gloo_two_ranks(tmp_path):
+    mp.spawn(_grad_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        g = torch.load(tmp_path / f"g{r}.pt")
+        assert g["a"].unique().tolist() == [1.5] and g["a"].shape == (2, 3)
+        assert g["b"].unique().tolist() == [2.0]
+        assert g["c"] is None
