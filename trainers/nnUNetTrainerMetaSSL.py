@@ -14,8 +14,10 @@ and the heterogeneous terms on the full-resolution output only (section 10).
   voxel-aligned. ``labeled_regions = "figure"`` (the ``released`` variant is degenerate here, section 7).
 - ``nnUNetTrainerMetaSSLCPS`` (own file): both directions; net k learns argmax of the other net, tau sets ``1_u, 2_u,
   1_l, 2_l``; diagnostics carry suffixes ``_1`` / ``_2``.
+- ``nnUNetTrainerMetaSSLBCP`` (own file): reference = the EMA teacher on BCP's clean patches, pasted with BCP's box;
+  supervised = the student on the mixed images; ``L_u`` on the pseudo-labeled regions, ``L_l`` on the labeled ones.
 
-All three share :class:`MetaSSLMixin` (loss construction from class attributes, diagnostics accumulation,
+All of them share :class:`MetaSSLMixin` (loss construction from class attributes, diagnostics accumulation,
 threshold logging, ``metassl_diagnostics.jsonl``, plots). The pure-torch parts are
 ``nnunet_ssl.algorithms.metassl``.
 """
@@ -136,7 +138,8 @@ class MetaSSLMixin:
     # ------------------------------------------------------------------ the loss of one direction
     def metassl_losses(self, sup_u: torch.Tensor, ref_u: torch.Tensor, sup_l: torch.Tensor, ref_l: torch.Tensor,
                        target, suffix: str = "", u_set: str = "ref_u", sup_l_set: str = "sup_l",
-                       ref_l_set: str = "ref_l", shadow: Optional[Tuple[torch.Tensor, torch.Tensor]] = None
+                       ref_l_set: str = "ref_l", shadow: Optional[Tuple[torch.Tensor, torch.Tensor]] = None,
+                       u_valid: Optional[torch.Tensor] = None, u_target: Optional[torch.Tensor] = None
                        ) -> Tuple[torch.Tensor, torch.Tensor]:
         """``(L_u, L_l)`` of one direction, updating its tau sets; queues the diagnostics of this step.
 
@@ -149,10 +152,12 @@ class MetaSSLMixin:
             sup_l_set, ref_l_set: labeled tau sets of the ``released`` / ``figure`` variants.
             shadow: ``(supervised, reference)`` labeled logits for the shadow check when they differ from
                 ``(sup_l, ref_l)`` (FixMatch: strong-view and weak-view predictions).
+            u_valid, u_target: ``valid`` and ``target`` of ``MetaSSLLoss.unlabeled_loss`` (BCP: the
+                pseudo-labeled region and its LCC-filtered pseudo-label); ``None``: every voxel, ``argmax ref_u``.
         """
         target = target[0] if isinstance(target, (list, tuple)) else target
         ignore = self.metassl_ignore_label
-        l_u, s_u = self.metassl.unlabeled_loss(sup_u, ref_u, tau_set=u_set)
+        l_u, s_u = self.metassl.unlabeled_loss(sup_u, ref_u, tau_set=u_set, valid=u_valid, target=u_target)
         pending = [("u" + suffix, s_u)]
         if self.use_labeled_loss:
             l_l, s_l = self.metassl.labeled_loss(sup_l, ref_l, target, ignore, sup_set=sup_l_set, ref_set=ref_l_set)

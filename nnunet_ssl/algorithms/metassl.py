@@ -33,7 +33,7 @@ Public API (what the trainers call):
 - ``MetaSSLLoss(num_classes, weights_preset="paper", ..., uc_mode=None, normalization="region_mean",
   tau_sets=None)`` (an ``nn.Module`` whose
   state_dict holds every tau set): ``unlabeled_loss(sup_logits, ref_logits, tau_set="ref_u",
-  update=True, valid=None)``, ``labeled_loss(sup_logits, ref_logits, target, ignore_label=None,
+  update=True, valid=None, target=None)``, ``labeled_loss(sup_logits, ref_logits, target, ignore_label=None,
   sup_set="sup_l", ref_set="ref_l", update=True)``, ``shadow_diagnostics(sup_logits, ref_logits,
   target, ignore_label=None, tau_set="ref_u")``, ``threshold_set(name)``, ``threshold_diagnostics()``.
 - ``RegionCounter(kind, regions, suffix="")``: sums the stats dicts of one epoch, ``all_reduce()``s
@@ -684,12 +684,21 @@ class MetaSSLLoss(torch.nn.Module):
         tau_set: str = "ref_u",
         update: bool = True,
         valid: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """``L_u``: region-weighted CE of ``sup_logits`` toward ``argmax`` of the reference (section 3).
 
         Regions: agreement of ``y^`` and ``y~``; confidence ``q~`` vs ``tau_set`` at ``y~``; UC split
         by ``y~``. With ``update``, ``tau_set`` is first updated from the reference prediction (so the
         masks of this iteration use the new thresholds, section 2.2).
+
+        With an explicit ``target`` ``t`` (a pseudo-label derived from the reference, e.g. BCP's
+        largest-component filter of ``y~``), ``t`` replaces ``y~`` as the CE target *and* in the regions:
+        agreement of ``y^`` and ``t``, the reference's probability of ``t``, ``p~[t]``, vs ``tau_set`` at
+        ``t``, UC split by ``t``. Where ``t == y~`` this is exactly the default; a voxel whose target
+        contradicts the reference gets ``p~[t] < q~`` and is normally suspicious, so an overridden
+        pseudo-label is down-weighted rather than trusted as unanimous-confident. ``tau_set`` is still
+        updated from the reference's own ``(y~, q~)``.
 
         Args:
             sup_logits: ``(B, C, *spatial)`` supervised logits (student, strong view, net k).
@@ -699,6 +708,9 @@ class MetaSSLLoss(torch.nn.Module):
             update: update ``tau_set`` from this batch first.
             valid: optional ``(B, *spatial)`` bool, e.g. voxels inside a warped field; others are
                 left out of the regions and of the tau statistics.
+            target: optional ``(B, *spatial)`` or ``(B, 1, *spatial)`` hard labels in ``[0, C)`` on the
+                valid voxels (others are never read, so an ignore value may stay there); ``None``:
+                ``argmax`` of the reference.
 
         Returns:
             ``(loss, stats)``: float32 scalar and the ``region_weighted_ce`` stats
@@ -707,14 +719,18 @@ class MetaSSLLoss(torch.nn.Module):
         self._check_pair(sup_logits, ref_logits)
         thresholds = self.threshold_set(tau_set, sup_logits.device)
         with torch.no_grad():
-            _, ref_pred, ref_conf = softmax_stats(ref_logits.detach())
+            ref_probs, ref_pred, ref_conf = softmax_stats(ref_logits.detach())
             _, sup_pred, _ = softmax_stats(sup_logits.detach())
             if update:
                 thresholds.update(ref_pred, ref_conf, valid)
-            regions = quadripartition(
-                sup_pred, ref_pred, ref_conf, ref_pred, thresholds.effective(), valid, self.split_uc
-            )
-        return region_weighted_ce(sup_logits, ref_pred, regions, self.region_weights_unlabeled, self.normalization)
+            tgt, tgt_conf = ref_pred, ref_conf
+            if target is not None:
+                tgt, _ = _prepare_target(target, sup_logits, None)
+                if valid is not None:  # invalid voxels may hold an ignore value that must not index p~
+                    tgt = torch.where(valid.to(tgt.device), tgt, ref_pred)
+                tgt_conf = ref_probs.gather(1, tgt.unsqueeze(1)).squeeze(1)
+            regions = quadripartition(sup_pred, tgt, tgt_conf, tgt, thresholds.effective(), valid, self.split_uc)
+        return region_weighted_ce(sup_logits, tgt, regions, self.region_weights_unlabeled, self.normalization)
 
     def labeled_loss(
         self,

@@ -806,3 +806,46 @@ def test_mode_errors_name_the_value_and_the_choices():
         MetaSSLLoss.from_preset("released_mt", 2)
     # the legacy switch still maps onto the modes
     assert MetaSSLLoss(2, split_uc=False).uc_mode == "joint" and MetaSSLLoss(2).uc_mode == "split"
+
+
+# ------------------------------------------------------------------------------------------------
+# Explicit unlabeled target (BCP's LCC-filtered pseudo-label)
+# ------------------------------------------------------------------------------------------------
+def test_explicit_target_equal_to_the_reference_argmax_changes_nothing():
+    m = _loss()
+    loss, stats = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False)
+    y_ref = torch.tensor([[[1, 0, 1], [1, 0, 1]]])  # argmax of REF, voxels a-f
+    for target in (y_ref, y_ref[:, None].float()):  # (B, *S) or nnU-Net's (B, 1, *S) float labels
+        loss_t, stats_t = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False, target=target)
+        assert loss_t.item() == loss.item()
+        assert {k: v.item() for k, v in stats_t.items()} == {k: v.item() for k, v in stats.items()}
+
+
+def test_explicit_target_moves_overridden_voxels_by_the_reference_probability_of_the_target():
+    m = _loss()
+    # f: foreground island set to background (as the LCC filter does); e: background relabelled foreground.
+    # f: y^ = 1 != t = 0, p~[0] = 0.10 <= tau_0 = 0.70 -> DS, CE = -ln p(0) = -ln 0.10.
+    # e: y^ = 1 == t = 1, p~[1] = 0.40 <= tau_1 = 0.85 -> US, CE = -ln p(1) = -ln 0.75.
+    target = torch.tensor([[[1, 0, 1], [1, 1, 0]]])
+    loss, stats = m.unlabeled_loss(_logits(SUP), _logits(REF), update=False, target=target)
+    counts = {r: stats[f"n_{r}"].item() for r in m.regions}
+    assert counts == {"UCfg": 1, "UCbg": 1, "US": 2, "DC": 1, "DS": 1}
+    ce_a, ce_b, ce_c, ce_d = -math.log(0.75), -math.log(0.90), -math.log(0.80), -math.log(0.20)
+    ce_e, ce_f = -math.log(0.75), -math.log(0.10)
+    expected = 4 * ce_a / 2 + 4 * ce_b / 2 + 3 * (ce_c + ce_e) / 3 + 2 * ce_d / 2 + 1 * ce_f / 2
+    assert loss.item() == pytest.approx(expected, abs=TOL)
+    assert stats["nfg_US"].item() == 2 and stats["nfg_DS"].item() == 0  # foreground share follows the target
+
+
+def test_explicit_target_is_read_on_valid_voxels_only_and_tau_follows_the_reference():
+    valid = torch.tensor([[[True, True, True], [True, True, False]]])
+    target = torch.tensor([[[1, 0, 1], [1, 0, 2]]])  # 2: an ignore value outside the valid region
+    with_t, without = _loss(), _loss()
+    loss_t, stats_t = with_t.unlabeled_loss(_logits(SUP), _logits(REF), valid=valid, target=target)
+    loss, stats = without.unlabeled_loss(_logits(SUP), _logits(REF), valid=valid)
+    assert loss_t.item() == loss.item() and sum(stats_t[f"n_{r}"].item() for r in with_t.regions) == 5
+    # tau from the reference (y~, q~) on the valid voxels a-e, not from the target
+    torch.testing.assert_close(with_t.sets["ref_u"].tau, without.sets["ref_u"].tau, rtol=0, atol=0)
+    # class 0: b, e (0.8, 0.6); class 1: a, c, d (0.9, 0.75, 0.9); m_c = s_c / (n_c + 1), momentum 0.5
+    expected = [0.5 * 0.70 + 0.5 * 1.4 / 3, 0.5 * 0.85 + 0.5 * 2.55 / 4]
+    assert with_t.sets["ref_u"].tau.tolist() == pytest.approx(expected, abs=1e-6)
