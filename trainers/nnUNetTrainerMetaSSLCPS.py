@@ -5,6 +5,7 @@ from typing import Dict, List
 
 import torch
 
+from nnunet_ssl.algorithms.metassl import softmax_stats
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerCPS import nnUNetTrainerCPS
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import MetaSSLMixin, scalars_to_floats
@@ -31,7 +32,9 @@ class nnUNetTrainerMetaSSLCPS(MetaSSLMixin, nnUNetTrainerCPS):
         l_u2, l_l2 = self.metassl_losses(z2_u, z1_u, z2_l, z1_l, target, suffix="_2", u_set="1_u",
                                          sup_l_set="2_l", ref_l_set="1_l")
         with torch.no_grad():
-            agree = z1_u.detach().float().argmax(1) == z2_u.detach().float().argmax(1)
+            # the regions' own argmax (of the float32 softmax): argmax of the raw logits differs where two logits
+            # round to the same probability, which made agreement and UC + US disagree by a few voxels
+            agree = softmax_stats(z1_u.detach())[1] == softmax_stats(z2_u.detach())[1]
         scalars = {"sup_loss_1": sup1, "sup_loss_2": sup2, **self.metassl_step_metrics(l_u1, l_l1, "_1"),
                    **self.metassl_step_metrics(l_u2, l_l2, "_2"), "cps_n_agree": agree.sum(),
                    "cps_n_vox": torch.tensor(agree.numel(), device=agree.device)}
