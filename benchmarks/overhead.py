@@ -16,7 +16,7 @@ For each configuration (``2d``, ``3d_fullres``), in ONE process:
 2. every trainer is built in-process exactly as ``nnUNetv2_train`` builds it (fold ``all``, ``on_train_start``); a few
    augmented labeled and unlabeled batches are drawn once and replayed, so the timing is the training step itself
    (forward, losses, backward, optimizer, EMA / second network), not data augmentation (which runs in background
-   workers in real training). Trainers with stages (ACTION: ``stage_of_epoch``) are measured in every stage.
+   workers in real training). Trainers with stages (ACTION, BCP: ``num_stages``) are measured in every stage.
 3. the compute bound of every trainer is its counted floating-point work (``torch.utils.flop_counter``: forward and
    backward of every network and head in one training step) divided by nnUNetTrainer's. The analytic value for Mean
    Teacher with an equal unlabeled batch is 7/3 (student forward + backward on twice the data = 6, one teacher
@@ -162,7 +162,7 @@ class _Replay:
 
 
 def entries_for(trainer_names: List[str]) -> List[dict]:
-    """One entry per trainer, or per stage for trainers with ``stage_of_epoch`` (ACTION)."""
+    """One entry per trainer, or per stage for trainers with stages (``num_stages``, ``stage_span``: ACTION, BCP)."""
     from nnunet_ssl.trainers import all_trainers
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
@@ -170,8 +170,8 @@ def entries_for(trainer_names: List[str]) -> List[dict]:
     out = []
     for n in trainer_names:
         cls = known[n]
-        if hasattr(cls, "stage_of_epoch") and hasattr(cls, "stage_span"):
-            out += [{"name": n, "stage": s, "label": f"{n} [stage {'i' * s}]"} for s in (1, 2, 3)]
+        if hasattr(cls, "num_stages") and hasattr(cls, "stage_span"):
+            out += [{"name": n, "stage": s, "label": f"{n} [stage {'i' * s}]"} for s in range(1, cls.num_stages + 1)]
         else:
             out.append({"name": n, "stage": None, "label": n})
     return out
@@ -464,6 +464,16 @@ def analyse(result: dict) -> None:
                 worst_alloc = max(action, key=lambda e: e["alloc_peak_mb"])
                 targets["action_alloc_over_mean_teacher"] = worst_alloc["alloc_peak_mb"] / mt_mem["alloc_peak_mb"]
                 targets["action_alloc_stage"] = worst_alloc["label"]
+        bcp = [e for e in entries if e["name"] == "nnUNetTrainerBCP"]
+        timed = [e for e in bcp if e.get("time_over_bound")]
+        if timed:  # issue 19: time per step <= 1.10 x its FLOP bound, in every stage
+            worst = max(timed, key=lambda e: e["time_over_bound"])
+            targets["bcp_time_over_flop_bound"], targets["bcp_time_stage"] = worst["time_over_bound"], worst["label"]
+        bcp_mem = [e for e in bcp if "peak_mb" in e]
+        if mt_mem and bcp_mem:  # and peak memory <= 1.15 x Mean Teacher's
+            worst = max(bcp_mem, key=lambda e: e["peak_mb"])
+            targets["bcp_peak_over_mean_teacher"] = worst["peak_mb"] / mt_mem["peak_mb"]
+            targets["bcp_peak_stage"] = worst["label"]
         res["targets"] = targets
 
 
@@ -537,6 +547,14 @@ def render(result: dict) -> str:
                          f"{'met' if t['action_peak_over_mean_teacher'] <= 1.15 else 'NOT met'})" +
                          (f"; tensors (allocated): {t['action_alloc_over_mean_teacher']:.2f} "
                           f"({t['action_alloc_stage']})." if "action_alloc_over_mean_teacher" in t else "."))
+        if "bcp_time_over_flop_bound" in t:
+            v = t["bcp_time_over_flop_bound"]
+            lines.append(f"- BCP time / FLOP bound: **{v:.2f}** (worst stage: {t['bcp_time_stage']}; target <= 1.10: "
+                         f"{'met' if v <= 1.10 else 'NOT met'}).")
+        if "bcp_peak_over_mean_teacher" in t:
+            v = t["bcp_peak_over_mean_teacher"]
+            lines.append(f"- BCP peak memory / Mean Teacher's: **{v:.2f}** (worst stage: {t['bcp_peak_stage']}; "
+                         f"target <= 1.15: {'met' if v <= 1.15 else 'NOT met'}).")
         pp = res.get("preprocessing")
         if pp:
             lines.append(f"- Preprocessing per case ({pp['cases']} synthetic cases of {pp['image_shape_zyx']} voxels, "
@@ -571,6 +589,9 @@ def parse(argv=None):
     p.add_argument("--shape", type=int, nargs=3, default=list(SHAPE), metavar=("Z", "Y", "X"),
                    help=f"synthetic volume size (default {' '.join(map(str, SHAPE))}; smaller for quick checks)")
     p.add_argument("--results-dir", default=None)
+    p.add_argument("--name", default="overhead",
+                   help="results file name (default overhead: <results-dir>/overhead.json + .md); another name for a "
+                        "run of a few trainers, which must not replace the full table")
     # internal
     p.add_argument("--_memory-worker", dest="memory_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trainer", help=argparse.SUPPRESS)
@@ -614,7 +635,7 @@ def main(argv=None) -> int:
                "machine": C.machine_info(args.device), "torch_threads": torch.get_num_threads(),
                "loadavg_start": C.loadavg(), "git": C.git_commit(), "synthetic_shape_zyx": list(args.shape)}
     result = {"smoke": args.smoke, "configs": {}, "setting": setting}
-    old_file = results_dir / "overhead.json"
+    old_file = results_dir / f"{args.name}.json"
     if old_file.is_file():  # keep the other configurations of a compatible earlier run (filled over sittings)
         old = json.loads(old_file.read_text())
         same = all(old.get("setting", {}).get(k) == setting[k] for k in ("device", "plan", "batch_size_override",
@@ -652,12 +673,12 @@ def main(argv=None) -> int:
         result["configs"][cfg] = res
         analyse(result)
         setting["loadavg_end"] = C.loadavg()
-        name = "overhead"
+        name = args.name
         C.write_json_atomic(results_dir / f"{name}.json", result)
         C.write_text_atomic(results_dir / f"{name}.md", render(result))
     md = render(result)
     print(md, flush=True)
-    say(f"done; {results_dir / 'overhead.json'} and overhead.md")
+    say(f"done; {results_dir / (args.name + '.json')} and {args.name}.md")
     return 0
 
 

@@ -70,6 +70,7 @@ class nnUNetTrainerACTION(nnUNetTrainerSSL):
     ema_decay = 0.99              # m, constant (spec 2.2)
     ema_warmup = False
     # ---- stages (spec 4)
+    num_stages = 3
     stage_fractions: Tuple[float, float, float] = (0.25, 0.25, 0.5)
     lr_schedule = "per_stage"     # or 'global' (nnU-Net's single poly schedule)
     # ---- heads

@@ -26,6 +26,7 @@ _COUNT = "bcp#"  # prefix of per-step counts that finalize_metrics turns into ep
 
 
 class nnUNetTrainerBCP(nnUNetTrainerSSL):
+    num_stages = 2
     lambda_max = 0.5                # alpha, the weight of the pseudo-labeled regions; constant (spec 3)
     rampup_fraction = 0.0
     ema_decay = 0.99
@@ -40,23 +41,23 @@ class nnUNetTrainerBCP(nnUNetTrainerSSL):
         super().build_method_modules()
         lm = self.label_manager
         self.region_ignore = lm.ignore_label if lm.has_ignore_label else lm.num_segmentation_heads
-        # nnU-Net's own loss recipe (batch Dice, DS weights, DDP, compile) with IGN as its ignore label
-        saved, lm._ignore_label = lm._ignore_label, self.region_ignore
-        try:
-            self.region_loss = self._build_loss()
-        finally:
-            lm._ignore_label = saved
-        seed = self.box_seed if self.box_seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
-        self.box_generator = torch.Generator().manual_seed(seed + 7919 * self.local_rank)
+        self.region_loss = self.build_loss_with_ignore_label(self.region_ignore)
+        self.box_generator = self.method_generator(self.box_seed)
 
     @property
     def pretrain_epochs(self) -> int:
         """``E_pre``: the first epoch of the mean-teacher stage (a property: budget variants set epochs late)."""
         return stage_boundary(self.num_epochs, self.pretrain_fraction)
 
+    def stage_of_epoch(self, epoch: int) -> int:
+        return 1 if epoch < self.pretrain_epochs else 2
+
     @property
     def stage(self) -> int:
-        return 1 if self.current_epoch < self.pretrain_epochs else 2
+        return self.stage_of_epoch(self.current_epoch)
+
+    def stage_span(self, stage: int):  # [start, end) epochs of a stage (benchmarks/overhead.py times each)
+        return (0, self.pretrain_epochs) if stage == 1 else (self.pretrain_epochs, self.num_epochs)
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
@@ -73,9 +74,6 @@ class nnUNetTrainerBCP(nnUNetTrainerSSL):
         if self.stage == 2:  # the teacher is frozen during pre-training
             super().after_optimizer_step()
 
-    def _ds_loss(self, loss, out, targets: List[torch.Tensor]) -> torch.Tensor:
-        return loss(out, targets) if isinstance(out, (list, tuple)) else loss(out, targets[0])
-
     def compute_losses(self, data, target, unlabeled):
         targets = list(target) if isinstance(target, (list, tuple)) else [target]
         box = random_box(data.shape[2:], self.box_fraction, self.box_generator)
@@ -86,9 +84,9 @@ class nnUNetTrainerBCP(nnUNetTrainerSSL):
             out = self.network(x)
             if self.pretrain_region_split:  # "LU" with Y as both parts: (Y in the box, Y outside it)
                 parts = region_targets_ds(mask, y, y[0][:, 0], "LU", self.region_ignore)
-                sup = 0.5 * sum(self._ds_loss(self.region_loss, out, t) for t in parts)
+                sup = 0.5 * sum(self.ds_loss(self.region_loss, out, t) for t in parts)
             else:
-                sup = self._ds_loss(self.loss, out, y)
+                sup = self.ds_loss(self.loss, out, y)
             return sup, sup.new_zeros(()), metrics
         pairs = bcp_pairs(data.shape[0], unlabeled.shape[0])
         pseudo, counts = self.pseudo_labels(unlabeled[:pairs.k])
@@ -96,8 +94,8 @@ class nnUNetTrainerBCP(nnUNetTrainerSSL):
         sup = unsup = 0.0
         for out, idx, direction in zip(outs, (list(pairs.lu), list(pairs.ul)), ("LU", "UL")):
             lab, pse = region_targets_ds(mask, [t[idx] for t in targets], pseudo[idx], direction, self.region_ignore)
-            sup = sup + 0.5 * self._ds_loss(self.region_loss, out, lab)
-            unsup = unsup + 0.5 * self._ds_loss(self.region_loss, out, pse)
+            sup = sup + 0.5 * self.ds_loss(self.region_loss, out, lab)
+            unsup = unsup + 0.5 * self.ds_loss(self.region_loss, out, pse)
         return sup, unsup, {**metrics, **counts}
 
     @torch.no_grad()

@@ -70,9 +70,7 @@ class nnUNetTrainerFixMatch(nnUNetTrainerSSL):
             self.ssl_modules["fm_thresholds"] = ClassThresholds(
                 self.label_manager.num_segmentation_heads, init=self.adaptive_init,
                 momentum=self.adaptive_momentum, skip_absent=True, tau_max=self.threshold)
-        seed = self.strong_seed if self.strong_seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
-        # every DDP rank draws its own strong views
-        self.strong_generator = torch.Generator().manual_seed(seed + 7919 * self.local_rank)
+        self.strong_generator = self.method_generator(self.strong_seed)  # every DDP rank draws its own views
 
     # ------------------------------------------------------------------ views
     @torch.no_grad()

@@ -73,7 +73,7 @@ class nnUNetTrainerMetaSSLBCP(MetaSSLMixin, nnUNetTrainerBCP):
         sup, y_lab, y_pse = 0.0, [], []
         for out, idx, direction in zip(outs, (list(pairs.lu), list(pairs.ul)), ("LU", "UL")):
             lab, pse = region_targets_ds(mask, [t[idx] for t in targets], pseudo[idx], direction, self.region_ignore)
-            sup = sup + 0.5 * self._ds_loss(self.region_loss, out, lab)
+            sup = sup + 0.5 * self.ds_loss(self.region_loss, out, lab)
             y_lab.append(lab[0])
             y_pse.append(pse[0])
         z, y_pse = torch.cat([self.full_res(o) for o in outs]), torch.cat(y_pse)

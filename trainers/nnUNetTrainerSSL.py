@@ -129,6 +129,25 @@ class nnUNetTrainerSSL(nnUNetTrainer):
     def build_method_modules(self) -> None:
         """Hook: create heads, second networks (+ ``self.extra_optimizers``), thresholds in ``self.ssl_modules``."""
 
+    def method_generator(self, seed: Optional[int]) -> torch.Generator:
+        """A CPU generator for a method's own random draws (boxes, strong views): ``seed``, or one drawn from torch's
+        RNG when None (set by nnU-Net's seeding), offset by the DDP rank so that every rank draws its own."""
+        seed = seed if seed is not None else int(torch.randint(0, 2 ** 62, (1,)))
+        return torch.Generator().manual_seed(seed + 7919 * self.local_rank)
+
+    def build_loss_with_ignore_label(self, ignore_label: int) -> nn.Module:
+        """nnU-Net's own loss (Dice + CE, deep-supervision weights, DDP batch Dice, compile) with ``ignore_label`` as
+        its ignore label, for losses restricted to regions by marking the rest ignored.
+
+        nnU-Net's ``_build_loss`` reads the label manager's ignore label and takes no argument, so it is swapped
+        for the call and restored (the one place this package touches the label manager's private state)."""
+        lm = self.label_manager
+        saved, lm._ignore_label = lm._ignore_label, ignore_label
+        try:
+            return self._build_loss()
+        finally:
+            lm._ignore_label = saved
+
     @staticmethod
     def make_frozen_copy(net: nn.Module) -> nn.Module:
         """A gradient-free copy in eval mode with deep supervision off (only full resolution is needed)."""
@@ -239,6 +258,12 @@ class nnUNetTrainerSSL(nnUNetTrainer):
             per_scale = [o.split(sizes, 0) for o in out]
             return [[s[i] for s in per_scale] for i in range(len(parts))]
         return list(out.split(sizes, 0))
+
+    @staticmethod
+    def ds_loss(loss: nn.Module, output: Output, targets: List[torch.Tensor]) -> torch.Tensor:
+        """``loss`` (nnU-Net's, deep-supervision wrapped or not) on ``output`` against ``targets`` (one per DS scale,
+        full resolution first): all scales if the network returned a list, else the full-resolution target."""
+        return loss(output, targets) if isinstance(output, (list, tuple)) else loss(output, targets[0])
 
     @staticmethod
     def full_res(output: Output) -> torch.Tensor:
