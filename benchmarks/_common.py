@@ -648,6 +648,7 @@ class Spec:
 
 UPPER = "nnUNetTrainer@all"
 LABELED_ONLY = "nnUNetTrainer"
+POOL_SUFFIX = "_unlabeled_pool"  # predictions_dir / evaluation name of a row's unlabeled-pool diagnostic
 #: control: labeled-only nnU-Net with twice the budget's epochs (is a gain the unlabeled data or more optimisation?)
 CONTROL_2X = "nnUNetTrainer_2x"
 CONTROL_2X_ROLE = "labeled only, 2x iterations (control)"
@@ -952,7 +953,10 @@ class SSLBenchmark:
             rec.update(status="train_failed", error=log_tail(r.log, 3000))
             self.say(f"  FAILED: training {variant} exited with {r.rc}; see {r.log}")
             return rec
-        return self.predict_and_evaluate(rec, ds, variant, env)
+        rec = self.predict_and_evaluate(rec, ds, variant, env)
+        if rec.get("status") == "ok":
+            self.diagnose_pool(rec, ds, variant, env)
+        return rec
 
     def predict_and_evaluate(self, rec: dict, ds: str, variant: str, env: Dict[str, str]) -> dict:
         """Predict the test images with ``variant``'s final checkpoint on dataset ``ds``; evaluate into ``rec``."""
@@ -996,6 +1000,77 @@ class SSLBenchmark:
         self.say(f"  {rec['key']}: mean Dice {fmt_num(d, 100)} %, HD95 {fmt_num(mean['mean_over_classes']['HD95_mm'])} "
                  f"mm, train {fmt_s(rec.get('train_wall_s'))}, peak RSS {fmt_mb(rec.get('train_peak_rss_tree_mb'))}")
         return rec
+
+    def diagnose_pool(self, rec: dict, ds: str, variant: str, env: Dict[str, str]) -> None:
+        """The final network on the unlabeled pool (``imagesUnlabeled``), scored against the pool's true labels (the
+        all-labeled dataset has them) into ``rec['unlabeled_pool']``: what pseudo-labels from a teacher like it are
+        worth, and whether it over-segments the very images it was trained on without labels. Not for the upper
+        bound, whose pool cases are labeled training cases. A failure is recorded, never fails the run."""
+        images, truth = self.raw(0) / "imagesUnlabeled", self.raw(1) / "labelsTr"
+        if rec["key"] == UPPER or not images.is_dir() or not truth.is_dir():
+            return
+        from nnunet_ssl.evaluation import evaluate_folder
+
+        pred = self.predictions_dir(rec["key"] + POOL_SUFFIX)
+        shutil.rmtree(pred, ignore_errors=True)
+        n = len([f for f in images.iterdir() if not f.name.startswith(".")])
+        self.say(f"  unlabeled pool: predicting its {n} images with {variant} (a diagnostic: scored against their "
+                 f"true labels)")
+        cmd = ["nnUNetv2_predict", "-i", str(images), "-o", str(pred), "-d", ds, "-c", self.budget.configuration,
+               "-p", PLANS, "-tr", variant, "-f", "all", "-chk", "checkpoint_final.pth", "-device", self.device,
+               "-npp", "1", "-nps", "1"] + ([] if self.budget.tta else ["--disable_tta"])
+        rp = run_monitored(cmd, env, self.logs / f"predict_{pred.name}.log")
+        if rp.rc != 0:
+            rec["unlabeled_pool"] = {"error": f"prediction exited with {rp.rc}: {log_tail(rp.log, 600)}"}
+            self.say(f"  (unlabeled-pool diagnostic failed: prediction exited with {rp.rc}; see {rp.log})")
+            return
+        try:
+            summary = evaluate_folder(pred, truth, dataset_json=self.raw(0) / "dataset.json",
+                                      output_file=self.out / "evaluations" / f"{pred.name}.json", allow_missing=True,
+                                      num_processes=int(env.get("nnUNet_def_n_proc", "1")))
+        except Exception as e:  # noqa: BLE001 - a diagnostic must not fail the run
+            rec["unlabeled_pool"] = {"error": f"{type(e).__name__}: {e}"}
+            self.say(f"  (unlabeled-pool diagnostic failed: {type(e).__name__}: {e})")
+            return
+        shutil.rmtree(pred, ignore_errors=True)  # the per-case scores are kept in the evaluation file
+        keep = ("Dice", "volume_ratio", "precision", "recall")
+        rec["unlabeled_pool"] = {
+            "n_cases": len(summary["per_case"]), "predict_wall_s": rp.wall_s,
+            "mean": {"Dice": summary["mean"]["mean_over_classes"]["Dice"]},
+            "per_class": {c: {k: v for k, v in m.items() if k in keep} for c, m in summary["mean"]["per_class"].items()},
+            "evaluation_file": str(self.out / "evaluations" / f"{pred.name}.json")}
+        vol = " / ".join(fmt_num(m.get("volume_ratio"), nd=2) for m in rec["unlabeled_pool"]["per_class"].values())
+        self.say(f"  unlabeled pool ({n} images): mean Dice {fmt_num(rec['unlabeled_pool']['mean']['Dice'], 100)} % "
+                 f"against the truth, volume {vol}, {fmt_s(rp.wall_s)}")
+
+    def diagnose_pools(self, runs: List[dict], env: Dict[str, str]) -> int:
+        """``--diagnose-pool``: the unlabeled-pool diagnostic for finished rows that lack it, from their saved final
+        checkpoints. A checkpoint written after the row finished belongs to a later training, not to the row: skipped."""
+        data = self.load()
+        for r in runs:
+            key, old = r["key"], data["runs"].get(r["key"])
+            if key in SELFTRAIN_KEYS or key == UPPER:
+                continue
+            if not old or old.get("status") != "ok":
+                self.say(f"skip {key}: no finished run in {self.results_json.name}")
+                continue
+            if (old.get("unlabeled_pool") or {}).get("n_cases"):
+                self.say(f"skip {key}: it has the diagnostic")
+                continue
+            ckpt = self.model_dir(old["dataset"], old["variant"]) / "fold_all" / "checkpoint_final.pth"
+            finished = old.get("finished")
+            if not ckpt.is_file() or not finished or \
+                    ckpt.stat().st_mtime > _dt.datetime.fromisoformat(finished).timestamp() + 1:
+                self.say(f"skip {key}: {ckpt} is " + ("missing" if not ckpt.is_file() else
+                                                      "not the recorded run's (written after it finished)"))
+                continue
+            rec = dict(old)
+            self.diagnose_pool(rec, str(self.spec.dataset_ids[0]), old["variant"], env)
+            data = self.load()
+            data["runs"][key] = rec
+            self.save(data)
+        self.update_summary()
+        return 0
 
     # ------------------------------------------------------------------ offline self-training
     def diagnose_teacher(self, ds: str, variant: str, env: Dict[str, str]) -> Optional[dict]:
@@ -1211,6 +1286,16 @@ class SSLBenchmark:
                       f"test labels; run the benchmark (or --prepare-only) first", file=sys.stderr, flush=True)
                 return 2
             return self.reevaluate(runs, self.env())
+        if args.diagnose_pool:
+            if not (self.raw(0) / "imagesUnlabeled").is_dir():
+                print(f"{self.spec.name}: error: --diagnose-pool needs the prepared work folder {self.work}, which has "
+                      f"no unlabeled pool; run the benchmark (or --prepare-only) first", file=sys.stderr, flush=True)
+                return 2
+            self.ext = self.out / "ext_diagnose"  # not the folder that a training running beside it imports
+            write_trainer_index(self.ext, self.tag, self.budget.epochs, self.budget.iterations,
+                                self.budget.val_iterations, self.seed, sorted({r["trainer"] for r in runs}),
+                                unlabeled_batch_ratio=1.0, final_validation=args.final_validation)
+            return self.diagnose_pools(runs, self.env())
         if source is None:
             where = args.data or os.environ.get("NNUNET_SSL_DATA") or str(REPO.parent / "shared" / "data")
             print(f"SKIP {self.spec.name}: real data not found ({self.spec.data_subfolder} under {where}); set "
@@ -1366,6 +1451,10 @@ def build_parser(spec: Spec, description: str) -> argparse.ArgumentParser:
     p.add_argument("--reevaluate", action="store_true",
                    help="score the saved test predictions of the finished runs (--trainers, default all) again and "
                         "update their metrics; trains and predicts nothing")
+    p.add_argument("--diagnose-pool", action="store_true",
+                   help="for finished runs (--trainers, default all) without it: predict the unlabeled pool with the "
+                        "saved final checkpoint and score it against the pool's true labels (done after every new "
+                        "run); trains nothing")
     return p
 
 

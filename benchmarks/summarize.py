@@ -143,6 +143,15 @@ def trainer_summary(key: str, by_seed: Dict[int, Tuple[dict, str]], base: Dict[i
            "train_wall_s_mean": mean([r.get("train_wall_s") for r, _ in by_seed.values()]),
            "total_iterations": sorted({r.get("total_iterations") for r, _ in by_seed.values()} - {None}),
            "sources": {s: src for s, (_, src) in sorted(by_seed.items())}}
+    pool = {s: r["unlabeled_pool"] for s, (r, _) in sorted(by_seed.items())
+            if (r.get("unlabeled_pool") or {}).get("n_cases")}
+    if pool:  # the final network on the unlabeled pool vs its true labels (benchmarks/_common.py: diagnose_pool)
+        pcs = [p.get("per_class") or {} for p in pool.values()]
+        out["pool"] = {"seeds": sorted(pool), "dice": {s: p["mean"]["Dice"] for s, p in pool.items()},
+                       "dice_mean": mean([p["mean"]["Dice"] for p in pool.values()]),
+                       "n_cases": sorted({p["n_cases"] for p in pool.values()}),
+                       **{f"{m}_mean": {c: mean([(pc.get(c) or {}).get(m) for pc in pcs]) for c in classes}
+                          for m in ("volume_ratio", "precision")}}
     if key != C.LABELED_ONLY:
         out["delta"] = paired(dice, base)
     return out
@@ -301,6 +310,27 @@ def render_per_seed(ctx: dict) -> List[str]:
     return lines
 
 
+def render_pool(ctx: dict, classes: Sequence[str]) -> List[str]:
+    """The unlabeled-pool diagnostic, for the trainers that have it (empty when none has)."""
+    rows = [t for t in ctx["trainers"] if t.get("pool")]
+    if not rows:
+        return []
+    lines = ["Unlabeled pool: each run's final network on the unlabeled training images it was given, scored against "
+             "their true labels (which the training never saw): what pseudo-labels from such a teacher are worth, "
+             "and whether the model over-segments the images it learned from without labels. Mean over the seeds "
+             "that have it.", "",
+             "| trainer | seeds | cases | pool Dice (mean; per seed) | volume " + " / ".join(classes) +
+             " | precision " + " / ".join(classes) + " |", "|---|---|---|---|---|---|"]
+    for t in rows:
+        p = t["pool"]
+        per = ", ".join(_pct(p["dice"][s]) for s in p["seeds"])
+        lines.append(f"| {t['name']} | {', '.join(map(str, p['seeds']))} | {', '.join(map(str, p['n_cases']))} | "
+                     f"**{_pct(p['dice_mean'])}**; {per} | "
+                     + " / ".join(C.fmt_num(p["volume_ratio_mean"].get(c), nd=2) for c in classes) + " | "
+                     + " / ".join(C.fmt_num(p["precision_mean"].get(c), nd=2) for c in classes) + " |")
+    return lines + [""]
+
+
 def render_markdown(summary: dict, png_name: Optional[str]) -> str:
     classes = summary["classes"]
     lines = [f"# {summary['title']}: budget `{summary['budget']}`, summary over training seeds", "",
@@ -333,6 +363,7 @@ def render_markdown(summary: dict, png_name: Optional[str]) -> str:
             lines += [f"Data folder: {ctx['disk_check']}.", ""]
         lines += render_table(ctx, classes, STALE if stale else "")
         lines += ["", "Per seed: mean Dice % (Δ vs that seed's labeled-only):", ""] + render_per_seed(ctx) + [""]
+        lines += render_pool(ctx, classes)
         if ctx is summary["contexts"][0] and png_name:
             lines += [f"Plot: [`{png_name}`]({png_name}) (this set).", ""]
     return "\n".join(lines).rstrip() + "\n"

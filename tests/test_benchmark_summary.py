@@ -233,3 +233,71 @@ def test_a_changed_data_folder_needs_reprepare(tmp_path):
     bench.check_same_source(dict(eight), tmp_path / "LA")             # same data: fine
     with pytest.raises(C.StepError, match=r"n_available 8 -> 28, n_present 8 -> 28\); rerun with --reprepare"):
         bench.check_same_source({**eight, "n_available": 28, "n_present": 28}, tmp_path / "LA")
+
+
+def pool(dice: float, vol: float, prec: float, n: int = 134) -> dict:
+    return {"n_cases": n, "mean": {"Dice": dice}, "per_class": {"A": {"Dice": dice, "volume_ratio": vol,
+                                                                      "precision": prec}}}
+
+
+def test_unlabeled_pool_diagnostic_in_the_summary(tmp_path):
+    """Mean over the seeds that have it; a trainer without it gets no row in the pool table."""
+    t0 = {"nnUNetTrainer": row(0.50, 0, unlabeled_pool=pool(0.40, 1.2, 0.5)),
+          "nnUNetTrainerBCP": row(0.55, 0, unlabeled_pool=pool(0.60, 1.0, 0.7)),
+          "nnUNetTrainerMeanTeacher": row(0.52, 0)}
+    t1 = {"nnUNetTrainer": row(0.54, 1),
+          "nnUNetTrainerBCP": row(0.60, 1, unlabeled_pool=pool(0.70, 0.8, 0.9))}
+    for sub, t, seed in (("", t0, 0), ("seed1", t1, 1)):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / "fakebench_cpu.json").write_text(json.dumps(table(seed, t)))
+    md = S.write_summary(None, tmp_path, "fakebench_cpu").read_text()
+    summary = json.loads((tmp_path / "fakebench_cpu_summary.json").read_text())
+    t = {x["key"]: x for x in summary["contexts"][0]["trainers"]}
+    assert t["nnUNetTrainerBCP"]["pool"]["seeds"] == [0, 1]
+    assert t["nnUNetTrainerBCP"]["pool"]["dice_mean"] == pytest.approx(0.65)
+    assert t["nnUNetTrainerBCP"]["pool"]["volume_ratio_mean"] == {"A": pytest.approx(0.9)}
+    assert t["nnUNetTrainerBCP"]["pool"]["precision_mean"] == {"A": pytest.approx(0.8)}
+    assert "pool" not in t["nnUNetTrainerMeanTeacher"]
+    assert "| BCP | 0, 1 | 134 | **65.0**; 60.0, 70.0 | 0.90 | 0.80 |" in md
+    assert "| labeled-only | 0 | 134 | **40.0**; 40.0 | 1.20 | 0.50 |" in md
+    assert "| MeanTeacher | 0 |" not in md.split("Unlabeled pool:")[1]
+
+
+def test_diagnose_pool_only_from_the_recorded_runs_checkpoint(tmp_path, monkeypatch):
+    """--diagnose-pool: a missing checkpoint, or one written after the row finished (a later training's), is
+    skipped; a row that has the diagnostic is not redone; the others get it and are saved."""
+    import os
+
+    bench = _bench(tmp_path)
+    finished = "2026-01-01T00:00:00+00:00"
+    rows = {k: row(0.5, 0, key=k, finished=finished, dataset="Dataset811_X", variant=f"{k}_benchCpu")
+            for k in ("nnUNetTrainer", "nnUNetTrainerBCP", "nnUNetTrainerFixMatch", "nnUNetTrainerCPS")}
+    rows["nnUNetTrainerCPS"]["unlabeled_pool"] = pool(0.3, 1.0, 1.0)
+    bench.results_json.parent.mkdir(parents=True)
+    bench.results_json.write_text(json.dumps(table(0, rows)))
+    t_row = C._dt.datetime.fromisoformat(finished).timestamp()
+    for key, mtime in (("nnUNetTrainer", t_row - 60), ("nnUNetTrainerBCP", t_row + 3600),
+                       ("nnUNetTrainerCPS", t_row - 60)):
+        ckpt = bench.model_dir("Dataset811_X", f"{key}_benchCpu") / "fold_all" / "checkpoint_final.pth"
+        ckpt.parent.mkdir(parents=True)
+        ckpt.write_bytes(b"x")
+        os.utime(ckpt, (mtime, mtime))
+    done = []
+
+    def fake(rec, ds, variant, env):
+        done.append((rec["key"], variant))
+        rec["unlabeled_pool"] = pool(0.45, 1.1, 0.6)
+
+    monkeypatch.setattr(bench, "diagnose_pool", fake)
+    monkeypatch.setattr(C, "render_markdown", lambda spec, data: "")  # ACDC's tables need its classes
+    said = []
+    monkeypatch.setattr(bench, "say", said.append)
+    runs = [{"key": k, "trainer": k} for k in rows]
+    assert bench.diagnose_pools(runs, {}) == 0
+    assert done == [("nnUNetTrainer", "nnUNetTrainer_benchCpu")]
+    saved = json.loads(bench.results_json.read_text())["runs"]
+    assert saved["nnUNetTrainer"]["unlabeled_pool"]["mean"]["Dice"] == 0.45
+    assert "unlabeled_pool" not in saved["nnUNetTrainerBCP"] and "unlabeled_pool" not in saved["nnUNetTrainerFixMatch"]
+    assert any("nnUNetTrainerBCP" in m and "written after it finished" in m for m in said)
+    assert any("nnUNetTrainerFixMatch" in m and "missing" in m for m in said)
+    assert any("nnUNetTrainerCPS: it has the diagnostic" in m for m in said)
