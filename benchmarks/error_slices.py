@@ -6,9 +6,10 @@
 For every class, summed over the cases (slices = the first array axis, nnU-Net's z), as fractions of the class's true
 volume: ``outside`` = predicted voxels in slices whose reference has no foreground of any class (a 2D model's
 stray blobs above or below the organ, which a per-slice largest-component filter cannot remove), ``fp_inside`` =
-false positives in slices that do hold foreground (confusion with a neighbouring class or the background next to it),
-and ``recall``. An over-segmenting model with ``fp_inside`` >> ``outside`` puts its extra foreground next to the
-organ, not in empty slices. Prints a Markdown table; writes nothing.
+false positives in slices that do hold foreground, split into ``on background`` (voxels that are background in the
+truth) and ``on other classes`` (confusion with another structure), and ``recall``. An over-segmenting model with
+``fp_inside`` >> ``outside`` puts its extra foreground into the slices of the organ, not into empty ones. Prints a
+Markdown table; writes nothing.
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def error_slices(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dict[
     preds = sorted(p for p in pred_dir.glob("*.nii.gz"))
     if not preds:
         sys.exit(f"error: no .nii.gz predictions in {pred_dir}")
-    sums = {k: np.zeros(4) for k in labels}  # outside, inside, true volume, true positives
+    sums = {k: np.zeros(5) for k in labels}  # outside, inside, true volume, true positives, on other classes
     for p in preds:
         r_file = ref_dir / p.name
         if not r_file.is_file():
@@ -51,12 +52,12 @@ def error_slices(pred_dir: Path, ref_dir: Path, labels: Dict[str, int]) -> Dict[
         heart = (ref > 0).reshape(ref.shape[0], -1).any(1)
         for k, v in labels.items():
             pk, rk = pred == v, ref == v
-            sums[k] += [pk[~heart].sum(), pk[heart].sum(), rk.sum(), (pk & rk).sum()]
+            sums[k] += [pk[~heart].sum(), pk[heart].sum(), rk.sum(), (pk & rk).sum(), (pk & (ref > 0) & ~rk).sum()]
     out = {}
-    for k, (outside, inside, true, tp) in sums.items():
+    for k, (outside, inside, true, tp, other) in sums.items():
         t = max(true, 1)
-        out[k] = {"outside": outside / t, "fp_inside": (inside - tp) / t, "recall": tp / t,
-                  "volume": (outside + inside) / t}
+        out[k] = {"outside": outside / t, "fp_inside": (inside - tp) / t, "fp_background": (inside - tp - other) / t,
+                  "fp_other_classes": other / t, "recall": tp / t, "volume": (outside + inside) / t}
     return out
 
 
@@ -69,10 +70,12 @@ def main(argv=None) -> int:
         p.error("give at least one prediction folder and the reference folder")
     ref = Path(a.folders[-1])
     labels = class_labels(ref, a.labels or [])
-    print("| predictions | class | volume | outside (empty slices) | fp_inside | recall |\n|---|---|---|---|---|---|")
+    print("| predictions | class | volume | outside (empty slices) | fp_inside | on background | on other classes | "
+          "recall |\n|---|---|---|---|---|---|---|---|")
     for d in a.folders[:-1]:
         for k, m in error_slices(Path(d), ref, labels).items():
-            print(f"| {d} | {k} | {m['volume']:.2f} | {m['outside']:.3f} | {m['fp_inside']:.3f} | {m['recall']:.3f} |")
+            print(f"| {d} | {k} | {m['volume']:.2f} | {m['outside']:.3f} | {m['fp_inside']:.3f} | "
+                  f"{m['fp_background']:.3f} | {m['fp_other_classes']:.3f} | {m['recall']:.3f} |")
     return 0
 
 
