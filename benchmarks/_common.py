@@ -213,6 +213,7 @@ import torch as _torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer as _nnUNetTrainer
 
 import nnunet_ssl.trainers.budgets as _home
+from nnunet_ssl.progress import epoch_history as _epoch_history
 from nnunet_ssl.trainers import all_trainers as _all_trainers
 from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL as _SSL
 
@@ -279,6 +280,9 @@ def _make(base, tag, epochs):
             stats["final_train_loss"] = float(log["train_losses"][-1]) if log["train_losses"] else None
             stats["final_pseudo_dice"] = [float(x) for x in log["dice_per_class_or_region"][-1]] \\
                 if log["dice_per_class_or_region"] else None
+            # per-epoch curves (pseudo Dice, losses, SSL diagnostics) survive the work folder in the results file
+            ssl_log = getattr(self, "ssl_log", None)
+            stats["epoch_history"] = _epoch_history(log, ssl_log.values if ssl_log is not None else {})
         except Exception:  # informative only
             pass
         if self.local_rank == 0:

@@ -72,6 +72,45 @@ class SSLProgressLog:
         os.replace(tmp, path)
 
 
+#: SSL keys worth keeping in a benchmark row: the loss terms, the weight, and the signals that explained past failures
+#: (MetaSSL's foreground weight and L_l share, FixMatch's confident fraction and class thresholds)
+HISTORY_KEYS = ("sup_loss", "unsup_loss", "lambda", "mask_ratio", "conf_fg_share", "metassl_lamLl_over_sup")
+HISTORY_PREFIXES = ("u_fg_weight", "metassl_L_u", "metassl_L_l", "fixmatch_tau_")
+
+
+def epoch_history(nnunet_log: Dict[str, list], ssl_values: Dict[str, List[float]],
+                  max_points: int = 100) -> Dict[str, list]:
+    """A compact per-epoch record of a finished training, for benchmark tables that outlive the work folder.
+
+    ``nnunet_log``: nnU-Net's ``logger.get_checkpoint()`` (``train_losses``, ``mean_fg_dice`` = the pseudo Dice
+    on the validation batches); ``ssl_values``: :attr:`SSLProgressLog.values` (empty for plain nnU-Net). Returns
+    ``{"epoch": [...], "train_loss": [...], "pseudo_dice": [...], <ssl key>: [...]}`` with the SSL keys of
+    :data:`HISTORY_KEYS` / :data:`HISTORY_PREFIXES`, every ``k``-th epoch (``k`` = ceil(epochs / max_points)) and the
+    last one, 4 significant digits, NaN as None.
+    """
+    series = {"train_loss": list(nnunet_log.get("train_losses") or []),
+              "pseudo_dice": list(nnunet_log.get("mean_fg_dice") or [])}
+    series.update({k: list(v) for k, v in ssl_values.items()
+                   if k in HISTORY_KEYS or k.startswith(HISTORY_PREFIXES)})
+    n = max((len(v) for v in series.values()), default=0)
+    if n == 0:
+        return {}
+    step = math.ceil(n / max_points)
+    epochs = list(range(0, n, step))
+    if epochs[-1] != n - 1:
+        epochs.append(n - 1)
+
+    def compact(v: List[float], e: int):
+        x = float(v[e]) if e < len(v) and v[e] is not None else float("nan")
+        return float(f"{x:.4g}") if math.isfinite(x) else None
+
+    out: Dict[str, list] = {"epoch": epochs}
+    for k, v in series.items():
+        if v:
+            out[k] = [compact(v, e) for e in epochs]
+    return out
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # The figure
 # ------------------------------------------------------------------------------------------------------------------

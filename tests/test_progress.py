@@ -119,3 +119,26 @@ def test_the_png_does_not_depend_on_the_styles_a_training_process_set(tmp_path):
     with plt.rc_context({**seaborn.axes_style("darkgrid"), **seaborn.plotting_context(font_scale=2.5)}):
         log.plot(str(tmp_path / "after_nnunet.png"), GROUPS)
     assert (tmp_path / "plain.png").read_bytes() == (tmp_path / "after_nnunet.png").read_bytes()
+
+
+def test_epoch_history_keeps_the_diagnostic_curves_every_kth_epoch():
+    from nnunet_ssl.progress import epoch_history
+
+    n = 250  # max_points 100 -> every 3rd epoch (ceil 2.5), plus the last one when the stride misses it
+    log = {"train_losses": [float(e) for e in range(n)], "mean_fg_dice": [e / 1000 for e in range(n)],
+           "lrs": [0.01] * n}
+    ssl = {"sup_loss": [1 / 3] * n, "u_fg_weight_s": [float("nan")] * 10 + [2.0] * (n - 10),
+           "metassl_lamLl_over_sup": [0.5] * n, "u_frac_UC": [0.1] * n, "fixmatch_tau_1": [0.9] * 5}
+    h = epoch_history(log, ssl)
+    assert h["epoch"][:3] == [0, 3, 6] and h["epoch"][-2:] == [246, 249] and len(h["epoch"]) == 84  # 0, 3, ..., 249 = 3 * 83
+    assert h["train_loss"][:2] == [0.0, 3.0] and h["train_loss"][-1] == 249.0
+    assert h["pseudo_dice"][-1] == 0.249
+    assert h["sup_loss"][0] == 0.3333                      # 4 significant digits
+    assert h["u_fg_weight_s"][:4] == [None, None, None, None] and h["u_fg_weight_s"][4] == 2.0  # NaN -> None
+    assert h["fixmatch_tau_1"] == [0.9, 0.9] + [None] * 82  # a short series is padded, not misaligned
+    assert "u_frac_UC" not in h and "lrs" not in h          # only the chosen keys
+    assert epoch_history({"train_losses": [], "mean_fg_dice": []}, {}) == {}
+    short = epoch_history({"train_losses": [1.0, 0.5], "mean_fg_dice": [0.2, 0.4]}, {})
+    assert short == {"epoch": [0, 1], "train_loss": [1.0, 0.5], "pseudo_dice": [0.2, 0.4]}
+    odd = epoch_history({"train_losses": [float(e) for e in range(201)]}, {})  # stride 3 misses 200: appended
+    assert odd["epoch"][-2:] == [198, 200] and len(odd["epoch"]) == 68 and "pseudo_dice" not in odd
