@@ -6,6 +6,10 @@ Here the teacher's logits are shifted by ``log(prior_c / running_c)`` before the
 of the labeled training cases (whole cases, not the foreground-oversampled patches, since unlabeled patches are
 sampled uniformly), ``running`` = the running mean of the teacher's softmax on the unlabeled patches
 (``nnunet_ssl.algorithms.distribution_alignment``). Everything else is BCP.
+
+Measured (ACDC, 3 labeled patients, seeds 0 and 2): +7.8 / +5.9 Dice over BCP from recall, but LV volume 1.54 / 1.45:
+those 3 patients' LV share is 1.34 times the unlabeled pool's, and the alignment carries it over. The prior only helps
+where the labeled cases' class shares represent the unlabeled ones.
 """
 from __future__ import annotations
 
