@@ -130,7 +130,8 @@ def test_epoch_history_keeps_the_diagnostic_curves_every_kth_epoch():
     ssl = {"sup_loss": [1 / 3] * n, "u_fg_weight_s": [float("nan")] * 10 + [2.0] * (n - 10),
            "metassl_lamLl_over_sup": [0.5] * n, "u_frac_UC": [0.1] * n, "fixmatch_tau_1": [0.9] * 5}
     h = epoch_history(log, ssl)
-    assert h["epoch"][:3] == [0, 3, 6] and h["epoch"][-2:] == [246, 249] and len(h["epoch"]) == 84  # 0, 3, ..., 249 = 3 * 83
+    # 0, 3, ..., 249 = 3 * 83: 84 epochs, the last one included by the stride
+    assert h["epoch"][:3] == [0, 3, 6] and h["epoch"][-2:] == [246, 249] and len(h["epoch"]) == 84
     assert h["train_loss"][:2] == [0.0, 3.0] and h["train_loss"][-1] == 249.0
     assert h["pseudo_dice"][-1] == 0.249
     assert h["sup_loss"][0] == 0.3333                      # 4 significant digits

@@ -40,8 +40,10 @@ def class_fractions(segmentations: Iterable, num_classes: int, ignore_label: Opt
     counts = np.zeros(num_classes, dtype=np.float64)
     for seg in segmentations:
         v = np.asarray(seg.cpu() if isinstance(seg, torch.Tensor) else seg).reshape(-1).astype(np.int64)
-        v = v[(v >= 0) & (v < num_classes) & ((v != ignore_label) if ignore_label is not None else True)]
-        counts += np.bincount(v, minlength=num_classes)[:num_classes]
+        keep = (v >= 0) & (v < num_classes)
+        if ignore_label is not None:
+            keep &= v != ignore_label
+        counts += np.bincount(v[keep], minlength=num_classes)
     if counts.sum() == 0:
         raise ValueError(f"class_fractions: no voxel with a label in [0, {num_classes}) (ignore label "
                          f"{ignore_label}) in the segmentations given; cannot estimate the class shares")
