@@ -15,7 +15,8 @@ meets the bar when, on **every** benchmark:
   paired over the seeds the candidate, the base and labeled-only all have.
 
 Per family (the base method), the chosen default is the candidate that meets the bar with the highest mean Δ over the
-benchmarks; when none does, the best by that mean is named and every failed check is listed. Labeled-only's own
+benchmarks; when none does, the best by that mean among the candidates with enough seeds on every benchmark is named
+(issue 18: "keep the best"), and every failed check is listed. Labeled-only's own
 volume check is printed beside it: at 3 labeled ACDC patients and the CPU budget labeled-only nnU-Net under-segments
 the RV (0.58), so a candidate can fail the volume bar on a class the baseline fails too.
 
@@ -106,8 +107,10 @@ def decide(summaries: Dict[str, dict], min_seeds: int = S.MIN_SEEDS) -> dict:
     choice = {}
     for fam in sorted({c["family"] for c in cands.values()}):
         members = {k: c for k, c in cands.items() if c["family"] == fam}
-        ranked = sorted((k for k, c in members.items() if c["mean_delta_over_benchmarks"] is not None),
-                        key=lambda k: -members[k]["mean_delta_over_benchmarks"])
+        # a default is never picked from fewer seeds than the bar asks for, even as the best of the failing ones
+        seeded = [k for k, c in members.items() if c["mean_delta_over_benchmarks"] is not None
+                  and all(v["n"] >= min_seeds for v in c["per_benchmark"].values())]
+        ranked = sorted(seeded, key=lambda k: -members[k]["mean_delta_over_benchmarks"])
         passing = [k for k in ranked if members[k]["meets_bar"]]
         choice[fam or "MeanTeacher"] = {"default": passing[0] if passing else None,
                                         "best_if_none_passes": None if passing else (ranked[0] if ranked else None)}
@@ -147,8 +150,12 @@ def render(dec: dict) -> str:
         if ch["default"]:
             lines.append(f"- {fam}: `{ch['default']}` meets the bar.")
         else:
-            best = f"`{ch['best_if_none_passes']}`" if ch["best_if_none_passes"] else "none with runs on every benchmark"
-            lines.append(f"- {fam}: no candidate meets the bar; best by mean Δ over the benchmarks: {best}.")
+            if ch["best_if_none_passes"]:
+                lines.append(f"- {fam}: no candidate meets the bar; the best by mean Δ over the benchmarks, of those "
+                             f"with >= {dec['min_seeds']} seeds on every benchmark: `{ch['best_if_none_passes']}`.")
+            else:
+                lines.append(f"- {fam}: no candidate meets the bar, and none has >= {dec['min_seeds']} seeds on every "
+                             "benchmark: nothing to choose from yet.")
     lines += ["", "Labeled-only nnU-Net against the same volume band (the baseline's own bias at this budget): "
               + "; ".join(f"{s}: {', '.join(f) or 'within the band'}"
                           for s, f in dec["labeled_only_volume_failures"].items()) + "."]

@@ -96,12 +96,25 @@ def test_rule_passes_fails_and_chooses_by_mean_delta():
     assert dec["labeled_only_volume_failures"] == {"a": ["A volume 0.70"], "b": []}
 
 
+def _without_good(s: dict) -> dict:
+    s["contexts"][0]["trainers"] = [t for t in s["contexts"][0]["trainers"] if not t["key"].endswith("_good")]
+    return s
+
+
 def test_best_is_named_when_no_candidate_passes():
-    dec = M.decide({"a": bench_a(), "b": bench_b()}, min_seeds=4)  # nobody has 4 seeds
+    # without _good: _big fails the volume bar, _weak the base-method check; _big has the higher mean Δ
+    # ((+3.33 + 1) / 2 against (+0.67 + 0) / 2)
+    dec = M.decide({"a": _without_good(bench_a()), "b": _without_good(bench_b())}, min_seeds=3)
     assert dec["choice"]["FixMatch"] == {"default": None, "best_if_none_passes": "nnUNetTrainerMetaSSLFixMatch_big"}
+    assert "FixMatch: no candidate meets the bar; the best by mean Δ over the benchmarks, of those with >= 3 seeds " \
+           "on every benchmark: `nnUNetTrainerMetaSSLFixMatch_big`" in M.render(dec)
+
+
+def test_too_few_seeds_choose_nothing():
+    dec = M.decide({"a": bench_a(), "b": bench_b()}, min_seeds=4)  # nobody has 4 seeds
+    assert dec["choice"]["FixMatch"] == {"default": None, "best_if_none_passes": None}
     text = M.render(dec)
-    assert "FixMatch: no candidate meets the bar; best by mean Δ over the benchmarks: " \
-           "`nnUNetTrainerMetaSSLFixMatch_big`" in text
+    assert "FixMatch: no candidate meets the bar, and none has >= 4 seeds on every benchmark" in text
     assert "a: 3 paired seed(s) < 4, LV volume 1.30" in text
 
 
