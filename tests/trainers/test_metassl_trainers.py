@@ -17,7 +17,7 @@ from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_
     nnUNetTrainerMetaSSLCPS_sslTiny, nnUNetTrainerMetaSSLCPS_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_noLabeledLoss, \
     nnUNetTrainerMetaSSLFixMatch_released2dUC, nnUNetTrainerMetaSSLFixMatch_sslTiny, \
-    nnUNetTrainerMetaSSLFixMatch_voxelMean
+    nnUNetTrainerMetaSSLFixMatch_regionMean, nnUNetTrainerMetaSSLFixMatch_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerSSL import SSLConfigurationError
 
 from ..conftest import make_trainer, run_cli
@@ -301,6 +301,8 @@ def test_no_labeled_loss_variant_trains_on_the_unlabeled_term_only(dataset3d):
     (nnUNetTrainerMetaSSLCPS_voxelMean, "3d_fullres", ("released_3d", "split", "voxel_mean", "released")),
     (nnUNetTrainerMetaSSLFixMatch_released2dUC, "2d", ("paper", "released_2d", "region_mean", "figure")),
     (nnUNetTrainerMetaSSLFixMatch_voxelMean, "2d", ("paper", "split", "voxel_mean", "figure")),
+    (nnUNetTrainerMetaSSLFixMatch_sslTiny, "3d_fullres", ("paper", "split", "voxel_mean", "figure")),
+    (nnUNetTrainerMetaSSLFixMatch_regionMean, "2d", ("paper", "split", "region_mean", "figure")),
 ])
 def test_variants_build_the_loss_of_their_mode(dataset3d, cls, config, expected):
     tr = make_trainer(cls, dataset3d, config, fold=0)
