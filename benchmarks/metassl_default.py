@@ -64,6 +64,11 @@ def volume_failures(row: dict) -> List[str]:
             if v is not None and not lo <= v <= hi]
 
 
+def _by_seed(row: Optional[dict]) -> Dict[int, float]:
+    """A summary row's per-seed mean Dice with int seeds (the JSON keys are strings); {} for a missing row."""
+    return {int(s): v for s, v in ((row or {}).get("dice") or {}).items()}
+
+
 def check(key: str, rows: Dict[str, dict], min_seeds: int) -> dict:
     """One benchmark's verdict on one candidate: its paired Δ, its base method's over the same seeds, and the
     reasons it fails (empty: it meets the bar here)."""
@@ -71,8 +76,7 @@ def check(key: str, rows: Dict[str, dict], min_seeds: int) -> dict:
     cand, base, lab = rows.get(key), rows.get(base_key), rows.get(C.LABELED_ONLY)
     if cand is None:
         return {"n": 0, "fails": ["no run on the current data"]}
-    lab_dice = {int(s): v for s, v in ((lab or {}).get("dice") or {}).items()}
-    cand_dice = {int(s): v for s, v in cand["dice"].items()}
+    lab_dice, cand_dice, base_dice = _by_seed(lab), _by_seed(cand), _by_seed(base)
     delta = S.paired(cand_dice, lab_dice)
     out = {"n": delta["n"], "delta": delta, "volume": cand.get("volume_ratio_mean"), "fails": []}
     if delta["n"] < min_seeds:
@@ -80,13 +84,12 @@ def check(key: str, rows: Dict[str, dict], min_seeds: int) -> dict:
     out["fails"] += volume_failures(cand)
     if delta["mean"] is not None and delta["mean"] < 0:
         out["fails"].append(f"mean Δ {100 * delta['mean']:+.1f} < 0")
-    base_dice = {int(s): v for s, v in ((base or {}).get("dice") or {}).items()}
     common = sorted(set(cand_dice) & set(base_dice) & set(lab_dice))
     if not common:
         out["fails"].append(f"no seed shared with {S.short_name(base_key)}")
         return out
-    d_c = S.mean([cand_dice[s] - lab_dice[s] for s in common])
-    d_b = S.mean([base_dice[s] - lab_dice[s] for s in common])
+    d_c = S.paired({s: cand_dice[s] for s in common}, lab_dice)["mean"]
+    d_b = S.paired({s: base_dice[s] for s in common}, lab_dice)["mean"]
     out["vs_base"] = {"base": base_key, "seeds": common, "delta": d_c, "base_delta": d_b}
     if d_c < d_b - MAX_BELOW_BASE:
         out["fails"].append(f"Δ {100 * d_c:+.1f} below {S.short_name(base_key)}'s {100 * d_b:+.1f} "
@@ -149,13 +152,12 @@ def render(dec: dict) -> str:
     for fam, ch in dec["choice"].items():
         if ch["default"]:
             lines.append(f"- {fam}: `{ch['default']}` meets the bar.")
+        elif ch["best_if_none_passes"]:
+            lines.append(f"- {fam}: no candidate meets the bar; the best by mean Δ over the benchmarks, of those "
+                         f"with >= {dec['min_seeds']} seeds on every benchmark: `{ch['best_if_none_passes']}`.")
         else:
-            if ch["best_if_none_passes"]:
-                lines.append(f"- {fam}: no candidate meets the bar; the best by mean Δ over the benchmarks, of those "
-                             f"with >= {dec['min_seeds']} seeds on every benchmark: `{ch['best_if_none_passes']}`.")
-            else:
-                lines.append(f"- {fam}: no candidate meets the bar, and none has >= {dec['min_seeds']} seeds on every "
-                             "benchmark: nothing to choose from yet.")
+            lines.append(f"- {fam}: no candidate meets the bar, and none has >= {dec['min_seeds']} seeds on every "
+                         "benchmark: nothing to choose from yet.")
     lines += ["", "Labeled-only nnU-Net against the same volume band (the baseline's own bias at this budget): "
               + "; ".join(f"{s}: {', '.join(f) or 'within the band'}"
                           for s, f in dec["labeled_only_volume_failures"].items()) + "."]
@@ -178,8 +180,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         summaries[stem] = json.loads(path.read_text())
     dec = decide(summaries, args.min_seeds)
     C.write_json_atomic(root / "metassl_default.json", dec)
-    C.write_text_atomic(root / "metassl_default.md", render(dec))
-    print(render(dec), end="")
+    text = render(dec)
+    C.write_text_atomic(root / "metassl_default.md", text)
+    print(text, end="")
     return 0
 
 
