@@ -19,6 +19,7 @@ import torch
 from nnunet_ssl.algorithms.bcp import (DEFAULT_BOX_FRACTION, bcp_pairs, bidirectional_mix,
                                        largest_component_per_class, pretrain_mix, random_box, region_targets_ds,
                                        stage_boundary)
+from nnunet_ssl.algorithms.labels import class_argmax
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
 
@@ -102,7 +103,7 @@ class nnUNetTrainerBCP(nnUNetTrainerSSL):
     def pseudo_labels(self, unlabeled: torch.Tensor):
         """Teacher argmax (float32) on the clean ``(k, C_in, *S)`` patches -> ``(k, *S)`` int64, LCC-filtered,
         and the step's counts (class histogram, foreground voxels removed by the filter)."""
-        pseudo = self.teacher_logits(unlabeled).float().argmax(1)
+        pseudo = class_argmax(self.teacher_logits(unlabeled).float())
         pseudo, removed, _ = largest_component_per_class(pseudo) if self.pseudo_label_lcc else (pseudo, 0, 0)
         hist = torch.bincount(pseudo.flatten(), minlength=self.label_manager.num_segmentation_heads)
         counts = {f"{_COUNT}n_pl_{c}": v for c, v in enumerate(hist.double().tolist())}

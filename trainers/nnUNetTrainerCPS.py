@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 
+from nnunet_ssl.algorithms.labels import class_argmax
 from nnunet_ssl.algorithms.losses.pseudo_label_ce import cross_pseudo_supervision
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerSSL import nnUNetTrainerSSL
@@ -92,7 +93,7 @@ class nnUNetTrainerCPS(nnUNetTrainerSSL):
         z1, z2 = self.full_res(out1_u), self.full_res(out2_u)
         cps1, cps2 = cross_pseudo_supervision(z1, z2)
         with torch.no_grad():
-            agree = (z1.detach().float().argmax(1) == z2.detach().float().argmax(1))
+            agree = class_argmax(z1.detach().float()) == class_argmax(z2.detach().float())
             counts = torch.stack([agree.sum().double(), torch.tensor(float(agree.numel()), dtype=torch.float64,
                                                                      device=agree.device)])
             vals = torch.stack([sup1.detach().double(), sup2.detach().double(), cps1.detach().double(),

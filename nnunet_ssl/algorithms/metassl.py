@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from nnunet_ssl.algorithms.distributed import all_reduce_sum
+from nnunet_ssl.algorithms.labels import class_max
 from nnunet_ssl.algorithms.schedules import sigmoid_rampup
 
 WEIGHT_KEYS: tuple[str, ...] = ("UC", "US", "DC", "DS")
@@ -264,9 +265,7 @@ def softmax_stats(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tor
         raise ValueError(f"logits must be (B, C, *spatial), got shape {tuple(logits.shape)}")
     with torch.autocast(device_type=logits.device.type, enabled=False):
         probs = torch.softmax(logits.float(), dim=1)
-        pred = torch.argmax(probs, dim=1)
-        # gathered rather than probs.max() so the confidence is by construction the value at ``pred``
-        conf = probs.gather(1, pred.unsqueeze(1)).squeeze(1)
+        conf, pred = class_max(probs)
     return probs, pred, conf
 
 

@@ -11,6 +11,8 @@ from typing import Dict, Tuple
 import torch
 import torch.nn.functional as F
 
+from nnunet_ssl.algorithms.labels import class_argmax
+
 
 def _check(logits: torch.Tensor, labels: torch.Tensor) -> None:
     if logits.ndim < 3 or labels.shape != logits.shape[:1] + logits.shape[2:]:
@@ -54,7 +56,7 @@ def hard_pseudo_label_ce(logits: torch.Tensor, reference_logits: torch.Tensor) -
     if logits.shape != reference_logits.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and reference {tuple(reference_logits.shape)} differ")
     with torch.autocast(device_type=logits.device.type, enabled=False):
-        target = reference_logits.detach().float().argmax(1)
+        target = class_argmax(reference_logits.detach().float())
         return F.cross_entropy(logits.float(), target)
 
 
