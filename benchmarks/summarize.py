@@ -130,7 +130,7 @@ def collect(files: Sequence[Tuple[str, dict]]) -> Dict[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 
 def trainer_summary(key: str, by_seed: Dict[int, Tuple[dict, str]], base: Dict[int, float],
-                    classes: Sequence[str]) -> dict:
+                    classes: Sequence[str], control: Optional[Dict[int, float]] = None) -> dict:
     dice = {s: r["metrics"]["mean"]["Dice"] for s, (r, _) in sorted(by_seed.items())}
     d = list(dice.values())
     per_class = {s: r["metrics"].get("per_class") or {} for s, (r, _) in by_seed.items()}
@@ -154,7 +154,13 @@ def trainer_summary(key: str, by_seed: Dict[int, Tuple[dict, str]], base: Dict[i
                           for m in ("volume_ratio", "precision")}}
     if key != C.LABELED_ONLY:
         out["delta"] = paired(dice, base)
+    if control and key not in CONTROL_EXEMPT and set(dice) & set(control):
+        out["vs_control"] = paired(dice, control)
     return out
+
+
+#: rows that are no semi-supervised method, so the compute control says nothing about them
+CONTROL_EXEMPT = (C.LABELED_ONLY, C.CONTROL_2X, C.UPPER)
 
 
 def short_name(key: str) -> str:
@@ -165,8 +171,11 @@ def short_name(key: str) -> str:
 
 
 def summarize_group(group: dict, classes: Sequence[str]) -> List[dict]:
-    base = {s: r["metrics"]["mean"]["Dice"] for s, (r, _) in group["rows"].get(C.LABELED_ONLY, {}).items()}
-    return [trainer_summary(k, group["rows"][k], base, classes) for k in C._row_order(group["rows"])]
+    def dice(key: str) -> Dict[int, float]:
+        return {s: r["metrics"]["mean"]["Dice"] for s, (r, _) in group["rows"].get(key, {}).items()}
+
+    base, control = dice(C.LABELED_ONLY), dice(C.CONTROL_2X)
+    return [trainer_summary(k, group["rows"][k], base, classes, control) for k in C._row_order(group["rows"])]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,6 +340,34 @@ def render_pool(ctx: dict, classes: Sequence[str]) -> List[str]:
     return lines + [""]
 
 
+def render_control(ctx: dict) -> List[str]:
+    """Each SSL row against labeled-only at twice the iterations, paired by seed (empty without such a row)."""
+    rows = [t for t in ctx["trainers"] if t.get("vs_control")]
+    if not rows:
+        return []
+    lines = ["Against the compute control: the trainer's Dice minus that of labeled-only nnU-Net trained for twice the "
+             "iterations *with the same seed* (an SSL step costs more than a labeled-only one: results/overhead.md), "
+             "over the seeds both have, beside its Δ vs labeled-only on those same seeds. A gain over labeled-only that the control "
+             "matches is more optimisation, not the unlabeled images.", "",
+             "| trainer | seeds | Δ vs labeled-only 2x: mean [min, max] | wins | Δ vs labeled-only, same seeds |",
+             "|---|---|---|---|---|"]
+    for t in rows:
+        v = t["vs_control"]
+        d = {s: t["delta"]["per_seed"][s] for s in v["seeds"] if s in t["delta"]["per_seed"]}
+        lo = paired(d, dict.fromkeys(d, 0.0))
+        few = FEW if v["n"] < MIN_SEEDS else ""
+        lines.append(f"| {t['name']} | {', '.join(map(str, v['seeds']))}{few} | {_range(v)} | {v['wins']}/{v['n']} | "
+                     f"{_range(lo) if lo['n'] else '-'} |")
+    return lines + [""]
+
+
+def _range(p: dict) -> str:
+    """A paired difference as ``mean [min, max]`` in points (the mean alone for one seed)."""
+    if p["n"] == 1:
+        return _pct(p["mean"], True)
+    return f"{_pct(p['mean'], True)} [{_pct(p['min'], True)}, {_pct(p['max'], True)}]"
+
+
 def render_markdown(summary: dict, png_name: Optional[str]) -> str:
     classes = summary["classes"]
     lines = [f"# {summary['title']}: budget `{summary['budget']}`, summary over training seeds", "",
@@ -363,6 +400,7 @@ def render_markdown(summary: dict, png_name: Optional[str]) -> str:
             lines += [f"Data folder: {ctx['disk_check']}.", ""]
         lines += render_table(ctx, classes, STALE if stale else "")
         lines += ["", "Per seed: mean Dice % (Δ vs that seed's labeled-only):", ""] + render_per_seed(ctx) + [""]
+        lines += render_control(ctx)
         lines += render_pool(ctx, classes)
         if ctx is summary["contexts"][0] and png_name:
             lines += [f"Plot: [`{png_name}`]({png_name}) (this set).", ""]

@@ -301,3 +301,29 @@ def test_diagnose_pool_only_from_the_recorded_runs_checkpoint(tmp_path, monkeypa
     assert any("nnUNetTrainerBCP" in m and "written after it finished" in m for m in said)
     assert any("nnUNetTrainerFixMatch" in m and "missing" in m for m in said)
     assert any("nnUNetTrainerCPS: it has the diagnostic" in m for m in said)
+
+
+def test_ssl_rows_against_the_compute_control(tmp_path):
+    """Paired by seed with labeled-only at 2x iterations, over the seeds both have; labeled-only, the control itself
+    and the upper bound get no such comparison, nor does a trainer without a shared seed."""
+    t0 = {"nnUNetTrainer": row(0.50, 0), "nnUNetTrainer_2x": row(0.50, 0), "nnUNetTrainer@all": row(0.80, 0),
+          "nnUNetTrainerFixMatch": row(0.52, 0), "nnUNetTrainerMeanTeacher": row(0.51, 0)}
+    t1 = {"nnUNetTrainer": row(0.40, 1), "nnUNetTrainer_2x": row(0.45, 1), "nnUNetTrainerFixMatch": row(0.44, 1)}
+    t2 = {"nnUNetTrainer": row(0.60, 2), "nnUNetTrainerFixMatch": row(0.70, 2), "nnUNetTrainerCPS": row(0.61, 2)}
+    for sub, t, seed in (("", t0, 0), ("seed1", t1, 1), ("seed2", t2, 2)):
+        (tmp_path / sub).mkdir(exist_ok=True)
+        (tmp_path / sub / "fakebench_cpu.json").write_text(json.dumps(table(seed, t)))
+    md = S.write_summary(None, tmp_path, "fakebench_cpu").read_text()
+    summary = json.loads((tmp_path / "fakebench_cpu_summary.json").read_text())
+    t = {x["key"]: x for x in summary["contexts"][0]["trainers"]}
+    fm = t["nnUNetTrainerFixMatch"]["vs_control"]      # 0.52 - 0.50, 0.44 - 0.45; seed 2 has no control
+    assert fm["seeds"] == [0, 1] and fm["wins"] == 1
+    assert fm["per_seed"] == {"0": pytest.approx(0.02), "1": pytest.approx(-0.01)}
+    assert fm["mean"] == pytest.approx(0.005)
+    assert t["nnUNetTrainerMeanTeacher"]["vs_control"]["per_seed"] == {"0": pytest.approx(0.01)}
+    for key in ("nnUNetTrainer", "nnUNetTrainer_2x", "nnUNetTrainer@all", "nnUNetTrainerCPS"):
+        assert "vs_control" not in t[key]
+    # FixMatch vs labeled-only on seeds 0-1 only: +2.0, +4.0
+    assert "| FixMatch | 0, 1* | +0.5 [-1.0, +2.0] | 1/2 | +3.0 [+2.0, +4.0] |" in md
+    assert "| MeanTeacher | 0* | +1.0 | 1/1 | +1.0 |" in md
+    assert "| CPS | 2" not in md.split("Against the compute control")[1].split("\n\n")[1]
