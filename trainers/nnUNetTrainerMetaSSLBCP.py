@@ -6,7 +6,7 @@ import torch
 from nnunet_ssl.algorithms.bcp import bcp_pairs, bidirectional_mix, random_box, region_targets_ds
 from nnunet_ssl.trainers.budgets import budget_variant
 from nnunet_ssl.trainers.nnUNetTrainerBCP import nnUNetTrainerBCP
-from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import MetaSSLMixin, scalars_to_floats
+from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import MetaSSLMixin, nnUNetTrainerMetaSSL, scalars_to_floats
 
 
 class nnUNetTrainerMetaSSLBCP(MetaSSLMixin, nnUNetTrainerBCP):
@@ -42,7 +42,9 @@ class nnUNetTrainerMetaSSLBCP(MetaSSLMixin, nnUNetTrainerBCP):
 
     lambda_max = 0.1
     rampup_fraction = 0.6
-    metassl_preset = {2: "released_mt_2d", 3: "released_3d"}  # MetaSSL's best candidate so far (issue 19)
+    # the MetaSSL mode chosen for the EMA-teacher MetaSSL (issue 18): released weights of the dimension, one voxel mean
+    metassl_preset = nnUNetTrainerMetaSSL.metassl_preset
+    metassl_overrides = nnUNetTrainerMetaSSL.metassl_overrides
 
     @property
     def metassl_ignore_label(self) -> int:

@@ -49,10 +49,11 @@ def _taus(tr):
 
 
 def test_defaults_and_mode_per_dimension(dataset3d):
-    for config, expected in (("2d", ("released_mt", "released_2d")), ("3d_fullres", ("released_3d", "split"))):
+    for config, expected in (("2d", "released_mt"), ("3d_fullres", "released_3d")):
         tr = make_trainer(nnUNetTrainerMetaSSLBCP, dataset3d, config, fold=0)
         tr.initialize()
-        assert (tr.metassl.weights_preset, tr.metassl.uc_mode) == expected
+        assert (tr.metassl.weights_preset, tr.metassl.uc_mode, tr.metassl.normalization) == \
+            (expected, "split", "voxel_mean")
     assert (tr.lambda_max, tr.rampup_fraction, tr.ema_decay, tr.ema_warmup) == (0.1, 0.6, 0.99, False)
     assert tr.metassl.labeled_regions == "released" and set(tr.metassl.sets) == {"ref_u", "sup_l"}
     assert tr.metassl_ignore_label == tr.region_ignore == 3 and tr.pseudo_label_lcc

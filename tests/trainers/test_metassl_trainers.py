@@ -11,8 +11,9 @@ import torch
 from nnunet_ssl.algorithms.augment import StrongView
 from nnunet_ssl.algorithms.mixing import CutMix
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSL import DIAGNOSTICS_FILE, nnUNetTrainerMetaSSL, \
-    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_released, \
-    nnUNetTrainerMetaSSL_released3d, nnUNetTrainerMetaSSL_sslTiny, nnUNetTrainerMetaSSL_voxelMean
+    nnUNetTrainerMetaSSL_noSplitUC, nnUNetTrainerMetaSSL_noise, nnUNetTrainerMetaSSL_paper, \
+    nnUNetTrainerMetaSSL_released, nnUNetTrainerMetaSSL_released3d, nnUNetTrainerMetaSSL_sslTiny, \
+    nnUNetTrainerMetaSSL_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLCPS import nnUNetTrainerMetaSSLCPS_released, \
     nnUNetTrainerMetaSSLCPS_sslTiny, nnUNetTrainerMetaSSLCPS_voxelMean
 from nnunet_ssl.trainers.nnUNetTrainerMetaSSLFixMatch import nnUNetTrainerMetaSSLFixMatch_noLabeledLoss, \
@@ -291,7 +292,10 @@ def test_no_labeled_loss_variant_trains_on_the_unlabeled_term_only(dataset3d):
 
 # ---------------------------------------------------------------------------------------------- section 13 modes
 @pytest.mark.parametrize("cls, config, expected", [
-    (nnUNetTrainerMetaSSL_sslTiny, "2d", ("paper", "split", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_sslTiny, "2d", ("released_mt", "split", "voxel_mean", "released")),
+    (nnUNetTrainerMetaSSL_sslTiny, "3d_fullres", ("released_3d", "split", "voxel_mean", "released")),
+    (nnUNetTrainerMetaSSL_paper, "2d", ("paper", "split", "region_mean", "released")),
+    (nnUNetTrainerMetaSSL_noSplitUC, "2d", ("paper", "joint", "region_mean", "released")),
     (nnUNetTrainerMetaSSL_released, "2d", ("released_mt", "released_2d", "region_mean", "released")),
     (nnUNetTrainerMetaSSL_released, "3d_fullres", ("released_3d", "split", "region_mean", "released")),
     (nnUNetTrainerMetaSSL_released3d, "2d", ("released_3d", "split", "region_mean", "released")),
