@@ -129,6 +129,10 @@ def collect(files: Sequence[Tuple[str, dict]]) -> Dict[str, dict]:
 # one summary row per trainer
 # ----------------------------------------------------------------------------------------------------------------
 
+#: rows that are no semi-supervised method, so the compute control says nothing about them
+CONTROL_EXEMPT = (C.LABELED_ONLY, C.CONTROL_2X, C.UPPER)
+
+
 def trainer_summary(key: str, by_seed: Dict[int, Tuple[dict, str]], base: Dict[int, float],
                     classes: Sequence[str], control: Optional[Dict[int, float]] = None) -> dict:
     dice = {s: r["metrics"]["mean"]["Dice"] for s, (r, _) in sorted(by_seed.items())}
@@ -157,10 +161,6 @@ def trainer_summary(key: str, by_seed: Dict[int, Tuple[dict, str]], base: Dict[i
     if control and key not in CONTROL_EXEMPT and set(dice) & set(control):
         out["vs_control"] = paired(dice, control)
     return out
-
-
-#: rows that are no semi-supervised method, so the compute control says nothing about them
-CONTROL_EXEMPT = (C.LABELED_ONLY, C.CONTROL_2X, C.UPPER)
 
 
 def short_name(key: str) -> str:
@@ -297,8 +297,7 @@ def render_table(ctx: dict, classes: Sequence[str], mark: str = "") -> List[str]
     for t in ctx["trainers"]:
         sd = f" ± {_pct(t['dice_sd'])}" if t["dice_sd"] is not None else ""
         dl = t.get("delta")
-        delta = "" if dl is None else "-" if not dl["n"] else _pct(dl["mean"], True) if dl["n"] == 1 else \
-            f"{_pct(dl['mean'], True)} [{_pct(dl['min'], True)}, {_pct(dl['max'], True)}]"
+        delta = "" if dl is None else _range(dl)
         wins = "" if dl is None else f"{dl['wins']}/{dl['n']}" if dl["n"] else "-"
         vol = " / ".join(C.fmt_num(t["volume_ratio_mean"].get(c), nd=2) for c in classes)
         few = FEW if t["few_seeds"] else ""
@@ -347,8 +346,8 @@ def render_control(ctx: dict) -> List[str]:
         return []
     lines = ["Against the compute control: the trainer's Dice minus that of labeled-only nnU-Net trained for twice the "
              "iterations *with the same seed* (an SSL step costs more than a labeled-only one: results/overhead.md), "
-             "over the seeds both have, beside its Δ vs labeled-only on those same seeds. A gain over labeled-only that the control "
-             "matches is more optimisation, not the unlabeled images.", "",
+             "over the seeds both have, beside its Δ vs labeled-only on those same seeds. A gain over labeled-only "
+             "that the control matches is more optimisation, not the unlabeled images.", "",
              "| trainer | seeds | Δ vs labeled-only 2x: mean [min, max] | wins | Δ vs labeled-only, same seeds |",
              "|---|---|---|---|---|"]
     for t in rows:
@@ -357,12 +356,14 @@ def render_control(ctx: dict) -> List[str]:
         lo = paired(d, dict.fromkeys(d, 0.0))
         few = FEW if v["n"] < MIN_SEEDS else ""
         lines.append(f"| {t['name']} | {', '.join(map(str, v['seeds']))}{few} | {_range(v)} | {v['wins']}/{v['n']} | "
-                     f"{_range(lo) if lo['n'] else '-'} |")
+                     f"{_range(lo)} |")
     return lines + [""]
 
 
 def _range(p: dict) -> str:
-    """A paired difference as ``mean [min, max]`` in points (the mean alone for one seed)."""
+    """A paired difference as ``mean [min, max]`` in points (the mean alone for one seed, ``-`` for none)."""
+    if not p["n"]:
+        return "-"
     if p["n"] == 1:
         return _pct(p["mean"], True)
     return f"{_pct(p['mean'], True)} [{_pct(p['min'], True)}, {_pct(p['max'], True)}]"
