@@ -2,7 +2,7 @@
 """Probe finished MetaSSL benchmark runs: how the region-weighted loss splits its weight between classes.
 
     python benchmarks/metassl_probe.py --work /tmp/bench_work/ssl_acdc/cpu \\
-        --trainers nnUNetTrainerMetaSSL nnUNetTrainerMetaSSLFixMatch --batches 20
+        --trainers nnUNetTrainerMetaSSL_paper nnUNetTrainerMetaSSL_voxelMean --batches 20
 
 For each trainer, loads ``checkpoint_final.pth`` of its benchmark run (``<work>/results/*/<trainer>_<tag>__*/fold_all``,
 networks and tau sets as they were at the end of training), draws ``--batches`` training batches (labeled +
